@@ -1,0 +1,46 @@
+"""Where the denoise and decode stages compute: torch eager (CPU or CUDA) or torchax (JAX device)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from stagediff.errors import StagediffError
+
+BACKENDS = ("auto", "torch", "torchax")
+
+
+def resolve_backend(requested: str) -> str:
+    """`auto` means torchax on TPU, torch elsewhere (CUDA when present, else CPU)."""
+    if requested not in BACKENDS:
+        raise StagediffError(f"--backend {requested!r} is not one of {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return requested
+    return "torchax" if _jax_platform() == "tpu" else "torch"
+
+
+@functools.lru_cache(maxsize=1)
+def _jax_platform() -> str:
+    try:
+        import jax
+
+        return jax.default_backend()
+    except Exception:
+        return "none"
+
+
+def torch_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def place_pipeline(pipe, backend: str, compiled_component: str | None, on_compile=None):
+    """Move a stage's pipeline onto its backend; with torchax, compile `compiled_component`."""
+    if backend == "torch":
+        return pipe.to(torch_device())
+    from tpu_ops.compiled_module import CompiledModule
+
+    compiled = CompiledModule(getattr(pipe, compiled_component), on_compile=on_compile)
+    # register_modules would insist on a torch Module; the pipeline only calls it and reads attributes.
+    object.__setattr__(pipe, compiled_component, compiled)
+    return pipe

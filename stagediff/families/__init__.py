@@ -1,0 +1,21 @@
+"""Registry of model families, detected from a checkpoint's model_index.json."""
+
+from __future__ import annotations
+
+from stagediff.errors import StagediffError
+from stagediff.families.base import FamilyAdapter, Settings
+from stagediff.families.sdxl import SDXL
+
+FAMILIES: dict[str, FamilyAdapter] = {adapter.name: adapter for adapter in (SDXL(),)}
+
+
+def family_for_pipeline(class_name: str, where: str) -> FamilyAdapter:
+    """The family whose pipeline class is `class_name`, or a clear error naming it."""
+    for adapter in FAMILIES.values():
+        if class_name in adapter.pipeline_class_names:
+            return adapter
+    supported = ", ".join(name for adapter in FAMILIES.values() for name in adapter.pipeline_class_names)
+    raise StagediffError(f"unsupported model family: pipeline class {class_name!r} in {where} (supported: {supported})")
+
+
+__all__ = ["FAMILIES", "FamilyAdapter", "Settings", "family_for_pipeline"]

@@ -1,0 +1,140 @@
+"""The protocol every model family implements, and the settings it resolves.
+
+A family adapter owns only the numerics that differ between model families: which pipeline
+components each stage needs, how prompts become embedding tensors, how the denoise loop turns
+embeddings and seeds into latents, and how latents become pixels. Loading, storing, keys,
+batching and orchestration are shared and live elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from stagediff.errors import StagediffError
+
+StepCallback = Callable[[int, int], None]
+"""Called as `on_step(step_index, total_steps)` after each denoise step."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Fully resolved generation settings: the user's options with the family's defaults filled in."""
+
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    dtype: str = "float32"
+    frames: int | None = None
+    fps: int | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+class FamilyAdapter(ABC):
+    """One model family (SDXL, FLUX.1, ...) behind the three stage operations."""
+
+    name: str
+    """Family name used in the store layout and CLI (`sdxl`, `flux1`, ...)."""
+    pipeline_class_names: tuple[str, ...]
+    """`_class_name` values of model_index.json that this family handles."""
+    encode_components: tuple[str, ...]
+    denoise_components: tuple[str, ...]
+    decode_components: tuple[str, ...]
+    denoiser_component: str
+    """The component the denoise backend compiles (`unet` or `transformer`)."""
+    media_extension: str = "png"
+    default_negative_prompt: str = ""
+
+    @abstractmethod
+    def pipeline_class(self) -> type:
+        """The diffusers pipeline class whose components and numerics this family reproduces."""
+
+    @abstractmethod
+    def default_settings(self, model_index: dict, config_of: Callable[[str], dict]) -> Settings:
+        """Defaults as the diffusers pipeline chooses them; `config_of(component)` reads a config."""
+
+    def size_multiple(self, config_of: Callable[[str], dict]) -> int:
+        """Height and width must be multiples of this (the VAE factor, times the patch size)."""
+        return 8
+
+    def validate(self, settings: Settings, config_of: Callable[[str], dict]) -> None:
+        """Raise StagediffError for settings this family cannot run."""
+        multiple = self.size_multiple(config_of)
+        for name in ("height", "width"):
+            value = getattr(settings, name)
+            if value < multiple or value % multiple:
+                raise StagediffError(f"--{name} {value} must be a positive multiple of {multiple} for {self.name}")
+
+    def encoder_settings(self, settings: Settings) -> dict:
+        """Settings that change the embedding bytes (besides prompt, negative prompt, dtype)."""
+        return {}
+
+    def denoise_settings(self, settings: Settings) -> dict:
+        """Settings that change the latent bytes (besides embeddings, seed and dtype)."""
+        return {
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+            "height": settings.height,
+            "width": settings.width,
+            "frames": settings.frames,
+            **settings.extras,
+        }
+
+    def decode_settings(self, settings: Settings) -> dict:
+        """Settings that change the media bytes (besides the latents)."""
+        return {"format": self.media_extension, "fps": settings.fps}
+
+    @abstractmethod
+    def encode(self, pipe, prompt: str, negative_prompt: str | None, settings: Settings) -> dict[str, torch.Tensor]:
+        """Encode one prompt and its negative prompt (None: the pipeline's own default) into named
+        embedding tensors, batch size 1."""
+
+    @abstractmethod
+    def denoise(
+        self,
+        pipe,
+        embeddings: list[dict[str, torch.Tensor]],
+        generators: list[torch.Generator],
+        settings: Settings,
+        on_step: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Run the denoise loop for a batch of items; return latents `[B, ...]` as the pipeline's
+        `output_type="latent"` would, item i drawn with `generators[i]` from `embeddings[i]`."""
+
+    @abstractmethod
+    def decode(self, pipe, latents: torch.Tensor, settings: Settings) -> Iterator[np.ndarray]:
+        """Decode latents of one item (batch 1) to uint8 frames, yielded in chunks `[f, H, W, 3]`
+        as they are decoded (one chunk of one frame for images)."""
+
+
+def stack_embeddings(embeddings: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate per-item embedding dicts along the batch dimension."""
+    return {name: torch.cat([item[name] for item in embeddings]) for name in embeddings[0]}
+
+
+def step_reporter(on_step: StepCallback | None, total: int):
+    """A diffusers `callback_on_step_end` that forwards step progress to `on_step`."""
+
+    def callback(pipe, step_index, timestep, callback_kwargs):
+        if on_step is not None:
+            on_step(step_index, total)
+        return callback_kwargs
+
+    return callback
+
+
+def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
+    """Map decoded images in [-1, 1], `[B, C, H, W]`, to uint8 `[B, H, W, C]` as diffusers' postprocess does."""
+    images = (images / 2 + 0.5).clamp(0, 1)
+    array = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    return (array * 255).round().astype(np.uint8)

@@ -1,0 +1,131 @@
+"""A request resolved against its model: family settings, the work items and their store keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from stagediff.families import FamilyAdapter, Settings
+from stagediff.models import Model, open_model
+from stagediff.request import Request
+from stagediff.store import Store, content_key
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """One distinct (prompt, negative prompt): encoded once, shared by all its seeds."""
+
+    prompt: str
+    negative_prompt: str | None
+    key: str
+    inputs: dict
+    path: str
+
+
+@dataclass(frozen=True)
+class Item:
+    """One (prompt, seed): its latents and its media file."""
+
+    embedding: Embedding
+    seed: int
+    latents_key: str
+    latents_inputs: dict
+    latents_path: str
+    media_key: str
+    media_path: str
+
+    @property
+    def prompt(self) -> str:
+        return self.embedding.prompt
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: Request
+    model: Model
+    settings: Settings
+    embeddings: tuple[Embedding, ...]
+    items: tuple[Item, ...]
+
+    @property
+    def family(self) -> FamilyAdapter:
+        return self.model.family
+
+    @cached_property
+    def store(self) -> Store:
+        return Store(self.request.store)
+
+    def select(self, prompts=None, seeds=None) -> tuple[tuple[Embedding, ...], tuple[Item, ...]]:
+        """The embeddings and items restricted to some prompts and/or seeds."""
+        items = tuple(
+            item
+            for item in self.items
+            if (prompts is None or item.prompt in prompts) and (seeds is None or item.seed in seeds)
+        )
+        wanted = {item.embedding.key for item in items}
+        return tuple(e for e in self.embeddings if e.key in wanted), items
+
+
+def resolve_settings(request: Request, model: Model) -> Settings:
+    """The family's defaults overridden by whatever the request sets."""
+    family = model.family
+    defaults = family.default_settings(model.model_index, model.config_of)
+    chosen = {
+        name: getattr(request, name)
+        for name in ("steps", "guidance", "height", "width", "frames", "fps")
+        if getattr(request, name) is not None
+    }
+    extras = {**defaults.extras, **{k: v for k, v in request.extras.items() if v is not None}}
+    settings = defaults.replace(dtype=request.dtype, extras=extras, **chosen)
+    family.validate(settings, model.config_of)
+    return settings
+
+
+def make_plan(request: Request, model: Model | None = None) -> Plan:
+    """Validate a request against its model and compute every artifact key, before any work."""
+    model = model or open_model(request.model)
+    family = model.family
+    settings = resolve_settings(request, model)
+    negative = request.negative_prompt if request.negative_prompt is not None else family.default_negative_prompt or None
+
+    encoders = model.fingerprint(family.encode_components)
+    denoiser = model.fingerprint(family.denoise_components)
+    decoder = model.fingerprint(family.decode_components)
+
+    embeddings: dict[str, Embedding] = {}
+    items = []
+    for prompt in dict.fromkeys(request.prompts):
+        inputs = {
+            "family": family.name,
+            "model": encoders,
+            "prompt": prompt,
+            "negative_prompt": negative,
+            "dtype": settings.dtype,
+            "encoder": family.encoder_settings(settings),
+        }
+        key = content_key(inputs)
+        embedding = embeddings.setdefault(
+            key, Embedding(prompt, negative, key, inputs, f"embeddings/{family.name}/{key}.safetensors")
+        )
+        for seed in dict.fromkeys(request.seeds):
+            latents_inputs = {
+                "embeddings": key,
+                "model": denoiser,
+                "seed": seed,
+                "dtype": settings.dtype,
+                "denoise": family.denoise_settings(settings),
+            }
+            latents_key = content_key(latents_inputs)
+            media_key = content_key({"latents": latents_key, "model": decoder, "decode": family.decode_settings(settings)})
+            items.append(
+                Item(
+                    embedding=embedding,
+                    seed=seed,
+                    latents_key=latents_key,
+                    latents_inputs=latents_inputs,
+                    latents_path=f"latents/{family.name}/{latents_key}.safetensors",
+                    media_key=media_key,
+                    media_path=f"media/{media_key}.{family.media_extension}",
+                )
+            )
+    return Plan(request, model, settings, tuple(embeddings.values()), tuple(items))

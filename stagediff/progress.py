@@ -1,0 +1,58 @@
+"""Progress reporting for the stages: tqdm bars on a terminal, or any other sink (Prefect artifacts)."""
+
+from __future__ import annotations
+
+import sys
+
+
+class Progress:
+    """Receives stage progress; the base class ignores it."""
+
+    def stage_started(self, stage: str, total_items: int) -> None:
+        pass
+
+    def step(self, stage: str, step_index: int, total_steps: int) -> None:
+        pass
+
+    def item_done(self, stage: str, uri: str) -> None:
+        pass
+
+    def stage_finished(self, stage: str) -> None:
+        pass
+
+
+class TqdmProgress(Progress):
+    """One bar per stage for items and, while denoising, one for the steps of the current batch."""
+
+    def __init__(self, file=None):
+        self.file = file or sys.stderr
+        self.items = None
+        self.steps = None
+
+    def stage_started(self, stage, total_items):
+        from tqdm import tqdm
+
+        self.items = tqdm(total=total_items, desc=f"{stage:8s}", unit="item", file=self.file, leave=True)
+
+    def step(self, stage, step_index, total_steps):
+        from tqdm import tqdm
+
+        if self.steps is None or self.steps.total != total_steps or step_index == 0:
+            self._close_steps()
+            self.steps = tqdm(total=total_steps, desc="  steps", unit="step", file=self.file, leave=False)
+        self.steps.update(1)
+
+    def item_done(self, stage, uri):
+        if self.items is not None:
+            self.items.update(1)
+
+    def stage_finished(self, stage):
+        self._close_steps()
+        if self.items is not None:
+            self.items.close()
+            self.items = None
+
+    def _close_steps(self):
+        if self.steps is not None:
+            self.steps.close()
+            self.steps = None

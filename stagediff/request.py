@@ -1,0 +1,75 @@
+"""What the user asks for: prompts × seeds and the generation options, validated up front."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from stagediff.errors import StagediffError
+
+DTYPES = ("float32", "bfloat16")
+DEFAULT_STORE = "./stagediff-store"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One batch: every prompt with every seed. Options left as None take the family's defaults."""
+
+    model: str
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    negative_prompt: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    fps: int | None = None
+    dtype: str = "float32"
+    store: str = DEFAULT_STORE
+    backend: str = "auto"
+    batch_size: int = 1
+    extras: dict = field(default_factory=dict)
+    """Family-specific options (for example `flow_shift` for Wan)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise StagediffError naming the first bad value."""
+        if not self.model:
+            raise StagediffError("--model is required")
+        if not self.prompts:
+            raise StagediffError("at least one --prompt is required")
+        for prompt in self.prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise StagediffError(f"--prompt {prompt!r} is empty")
+        if not self.seeds:
+            raise StagediffError("at least one --seed is required")
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or seed >= 2**63:
+                raise StagediffError(f"--seed {seed!r} must be a non-negative integer")
+        _check_positive("steps", self.steps)
+        _check_positive("height", self.height)
+        _check_positive("width", self.width)
+        _check_positive("frames", self.frames)
+        _check_positive("fps", self.fps)
+        _check_positive("batch-size", self.batch_size)
+        if self.guidance is not None and not self.guidance >= 0:
+            raise StagediffError(f"--guidance {self.guidance!r} must be a non-negative number")
+        if self.dtype not in DTYPES:
+            raise StagediffError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able parameters (for Prefect flows and the manifest)."""
+        data = asdict(self)
+        data["prompts"], data["seeds"] = list(self.prompts), list(self.seeds)
+        return data
+
+
+def _check_positive(option: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise StagediffError(f"--{option} {value!r} must be a positive integer")

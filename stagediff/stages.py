@@ -1,0 +1,216 @@
+"""The three stages. Each reads its inputs from the store, computes only what is missing, writes
+its artifacts, and returns their URIs. Each loads only its own pipeline components."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from stagediff import __version__
+from stagediff.backends import place_pipeline, resolve_backend
+from stagediff.errors import CorruptArtifact, StagediffError
+from stagediff.media import is_valid_media, media_bytes
+from stagediff.plan import Item, Plan
+from stagediff.progress import Progress
+
+ENCODE, DENOISE, DECODE = "encode", "denoise", "decode"
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: the URIs of the selected artifacts and how long things took."""
+
+    stage: str
+    uris: list[str]
+    computed: int = 0
+    load_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    item_seconds: list[float] = field(default_factory=list)
+
+
+# -- loading ------------------------------------------------------------------------------------
+@dataclass
+class _Loaded:
+    key: tuple
+    pipe: object
+    compile_seconds: list[float]
+
+
+_loaded: dict[str, _Loaded] = {}
+_stage_locks = {stage: threading.Lock() for stage in (ENCODE, DENOISE, DECODE)}
+
+
+def _components_of(plan: Plan, stage: str) -> tuple[str, ...]:
+    family = plan.family
+    return {ENCODE: family.encode_components, DENOISE: family.denoise_components, DECODE: family.decode_components}[stage]
+
+
+def _stage_pipeline(plan: Plan, stage: str, backend: str) -> tuple[_Loaded, float]:
+    """The stage's pipeline (only its components loaded), kept for the next call with the same key."""
+    key = (str(plan.model.folder), plan.settings.dtype, backend)
+    loaded = _loaded.get(stage)
+    if loaded is not None and loaded.key == key:
+        return loaded, 0.0
+    release(stage)
+    start = time.perf_counter()
+    wanted = _components_of(plan, stage)
+    skipped = {name: None for name in plan.model.components() if name not in wanted}
+    pipe = plan.family.pipeline_class().from_pretrained(
+        plan.model.folder, dtype=TORCH_DTYPES[plan.settings.dtype], **skipped
+    )
+    pipe.set_progress_bar_config(disable=True)
+    compile_seconds: list[float] = []
+    if stage == DENOISE:
+        pipe = place_pipeline(pipe, backend, plan.family.denoiser_component, on_compile=compile_seconds.append)
+    elif stage == DECODE:
+        pipe = place_pipeline(pipe, "torch", None)
+    loaded = _Loaded(key, pipe, compile_seconds)
+    _loaded[stage] = loaded
+    return loaded, time.perf_counter() - start
+
+
+def release(stage: str | None = None) -> None:
+    """Drop the cached pipeline of one stage (or all), so its memory is freed."""
+    for name in [stage] if stage else list(_loaded):
+        _loaded.pop(name, None)
+    gc.collect()
+
+
+# -- stages -------------------------------------------------------------------------------------
+def encode(plan: Plan, prompts=None, progress: Progress | None = None) -> StageResult:
+    """Write one embeddings file per distinct (prompt, negative prompt) that lacks a valid one."""
+    progress = progress or Progress()
+    store = plan.store
+    embeddings, _ = plan.select(prompts=prompts)
+    result = StageResult(ENCODE, [store.uri_of(e.path) for e in embeddings])
+    pending = [e for e in embeddings if not store.has_valid_tensors(e.path, e.key)]
+    if not pending:
+        return result
+    with _stage_locks[ENCODE]:
+        loaded, result.load_seconds = _stage_pipeline(plan, ENCODE, "torch")
+        progress.stage_started(ENCODE, len(pending))
+        for embedding in pending:
+            start = time.perf_counter()
+            with torch.no_grad():
+                tensors = plan.family.encode(loaded.pipe, embedding.prompt, embedding.negative_prompt, plan.settings)
+            uri = store.write_tensors(embedding.path, tensors, embedding.key, embedding.inputs)
+            result.item_seconds.append(time.perf_counter() - start)
+            progress.item_done(ENCODE, uri)
+        progress.stage_finished(ENCODE)
+    result.computed = len(pending)
+    return result
+
+
+def denoise(plan: Plan, prompts=None, seeds=None, progress: Progress | None = None) -> StageResult:
+    """Write one latents file per (prompt, seed) that lacks a valid one, `batch_size` items per call."""
+    progress = progress or Progress()
+    store = plan.store
+    _, items = plan.select(prompts=prompts, seeds=seeds)
+    result = StageResult(DENOISE, [store.uri_of(item.latents_path) for item in items])
+    pending = [item for item in items if not store.has_valid_tensors(item.latents_path, item.latents_key)]
+    if not pending:
+        return result
+    backend = resolve_backend(plan.request.backend)
+    with _stage_locks[DENOISE]:
+        loaded, result.load_seconds = _stage_pipeline(plan, DENOISE, backend)
+        compiles_before = len(loaded.compile_seconds)
+        progress.stage_started(DENOISE, len(pending))
+        batch_size = plan.request.batch_size
+        for first in range(0, len(pending), batch_size):
+            batch = pending[first : first + batch_size]
+            start = time.perf_counter()
+            embeddings = [_read_embeddings(plan, item) for item in batch]
+            generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
+            with torch.no_grad():
+                latents = plan.family.denoise(
+                    loaded.pipe,
+                    embeddings,
+                    generators,
+                    plan.settings,
+                    on_step=lambda index, total: progress.step(DENOISE, index, total),
+                )
+            for index, item in enumerate(batch):
+                uri = store.write_tensors(
+                    item.latents_path, {"latents": latents[index : index + 1]}, item.latents_key, item.latents_inputs
+                )
+                progress.item_done(DENOISE, uri)
+            seconds = (time.perf_counter() - start) / len(batch)
+            result.item_seconds.extend([seconds] * len(batch))
+        progress.stage_finished(DENOISE)
+        result.compile_seconds = sum(loaded.compile_seconds[compiles_before:])
+    result.computed = len(pending)
+    return result
+
+
+def decode(plan: Plan, prompts=None, seeds=None, progress: Progress | None = None) -> StageResult:
+    """Write one media file (PNG or MP4) per (prompt, seed) that lacks a valid one."""
+    progress = progress or Progress()
+    store = plan.store
+    _, items = plan.select(prompts=prompts, seeds=seeds)
+    extension = plan.family.media_extension
+    result = StageResult(DECODE, [store.uri_of(item.media_path) for item in items])
+    pending = [item for item in items if not (store.exists(item.media_path) and is_valid_media(extension, store.read_bytes(item.media_path)))]
+    if not pending:
+        return result
+    with _stage_locks[DECODE]:
+        loaded, result.load_seconds = _stage_pipeline(plan, DECODE, "torch")
+        progress.stage_started(DECODE, len(pending))
+        for item in pending:
+            start = time.perf_counter()
+            latents = _read_latents(plan, item)
+            with torch.no_grad():
+                frames = plan.family.decode(loaded.pipe, latents, plan.settings)
+                data = media_bytes(extension, frames, plan.settings.fps, media_metadata(plan, item))
+            uri = store.write_bytes(item.media_path, data)
+            result.item_seconds.append(time.perf_counter() - start)
+            progress.item_done(DECODE, uri)
+        progress.stage_finished(DECODE)
+    result.computed = len(pending)
+    return result
+
+
+def media_metadata(plan: Plan, item: Item) -> dict:
+    """Generation metadata written into each media file."""
+    settings = plan.settings
+    metadata = {
+        "prompt": item.prompt,
+        "negative_prompt": item.embedding.negative_prompt,
+        "seed": item.seed,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "height": settings.height,
+        "width": settings.width,
+        "model": plan.request.model,
+        "family": plan.family.name,
+        "dtype": settings.dtype,
+        "latents_key": item.latents_key,
+        "stagediff_version": __version__,
+    }
+    if settings.frames is not None:
+        metadata.update(frames=settings.frames, fps=settings.fps)
+    metadata.update(settings.extras)
+    return metadata
+
+
+def _read_embeddings(plan: Plan, item: Item) -> dict[str, torch.Tensor]:
+    try:
+        return plan.store.read_tensors(item.embedding.path, item.embedding.key)
+    except (FileNotFoundError, CorruptArtifact):
+        raise StagediffError(
+            f"embeddings for prompt {item.prompt!r} are missing or corrupt in {plan.store.uri}: run the encode stage first"
+        ) from None
+
+
+def _read_latents(plan: Plan, item: Item) -> torch.Tensor:
+    try:
+        return plan.store.read_tensors(item.latents_path, item.latents_key)["latents"]
+    except (FileNotFoundError, CorruptArtifact):
+        raise StagediffError(
+            f"latents for prompt {item.prompt!r} seed {item.seed} are missing or corrupt in {plan.store.uri}: "
+            "run the denoise stage first"
+        ) from None

@@ -1,0 +1,155 @@
+"""The artifact store: safetensors and media files under one fsspec URI, written atomically,
+verified on read.
+
+Layout (relative to the store root):
+    embeddings/<family>/<key>.safetensors
+    latents/<family>/<key>.safetensors
+    media/<key>.png | <key>.mp4
+    runs/<run-name>/manifest.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import uuid
+from collections.abc import Mapping
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from stagediff import __version__
+from stagediff.errors import CorruptArtifact, StagediffError
+
+KEY_METADATA = "stagediff.key"
+INPUTS_METADATA = "stagediff.inputs"
+CHECKSUM_METADATA = "stagediff.checksum"
+VERSION_METADATA = "stagediff.version"
+
+
+def content_key(inputs: Mapping) -> str:
+    """The content-addressed key of an artifact: a hash of everything that changes its bytes."""
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes of the tensors, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Store:
+    """Artifacts under a local folder or any fsspec URI (`gs://bucket/prefix`)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = fsspec.core.url_to_fs(uri)
+        self.root = self.root.rstrip("/")
+
+    # -- paths ---------------------------------------------------------------------------------
+    def path(self, relative: str) -> str:
+        return f"{self.root}/{relative}"
+
+    def uri_of(self, relative: str) -> str:
+        """The URI a user can open: a plain path for local stores, `protocol://...` otherwise."""
+        full = self.path(relative)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return full if protocol in ("file", "local") else f"{protocol}://{full}"
+
+    # -- checks --------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Fail with a one-line error now, before any work, if the store cannot be written."""
+        probe = self.path(f".write-probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
+        except Exception as error:
+            raise StagediffError(f"store {self.uri} is not writable: {_one_line(error)}") from None
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.exists(self.path(relative))
+
+    # -- tensors -------------------------------------------------------------------------------
+    def write_tensors(self, relative: str, tensors: Mapping[str, torch.Tensor], key: str, inputs: Mapping) -> str:
+        """Write tensors (dtype kept) with their key, key inputs, checksum and version; return the URI."""
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+        metadata = {
+            KEY_METADATA: key,
+            INPUTS_METADATA: json.dumps(inputs, sort_keys=True, default=str),
+            CHECKSUM_METADATA: tensor_checksum(tensors),
+            VERSION_METADATA: __version__,
+        }
+        self.write_bytes(relative, save_safetensors(tensors, metadata=metadata))
+        return self.uri_of(relative)
+
+    def read_tensors(self, relative: str, key: str) -> dict[str, torch.Tensor]:
+        """Read and verify tensors; raise CorruptArtifact if they do not parse or match key/checksum."""
+        data = self.fs.cat_file(self.path(relative))
+        try:
+            metadata = read_safetensors_metadata(data)
+            tensors = load_safetensors(data)
+        except Exception as error:
+            raise CorruptArtifact(f"corrupt artifact {self.uri_of(relative)}: {_one_line(error)}") from None
+        if metadata.get(KEY_METADATA) != key:
+            raise CorruptArtifact(f"artifact {self.uri_of(relative)} does not match its key {key}")
+        if metadata.get(CHECKSUM_METADATA) != tensor_checksum(tensors):
+            raise CorruptArtifact(f"artifact {self.uri_of(relative)} fails its checksum")
+        return tensors
+
+    def read_metadata(self, relative: str) -> dict[str, str]:
+        """The safetensors metadata of a stored artifact (key, inputs, checksum, version)."""
+        return read_safetensors_metadata(self.fs.cat_file(self.path(relative)))
+
+    def has_valid_tensors(self, relative: str, key: str) -> bool:
+        """True when the artifact exists and verifies; a corrupt one is reported and counts as missing."""
+        if not self.exists(relative):
+            return False
+        try:
+            self.read_tensors(relative, key)
+        except CorruptArtifact as error:
+            print(f"stagediff: {error}; recomputing it")
+            return False
+        return True
+
+    # -- bytes ---------------------------------------------------------------------------------
+    def write_bytes(self, relative: str, data: bytes) -> str:
+        """Write atomically: a temporary object first, then a rename, so readers never see half a file."""
+        final = self.path(relative)
+        parent = final.rsplit("/", 1)[0]
+        temporary = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
+        self.fs.makedirs(parent, exist_ok=True)
+        try:
+            self.fs.pipe_file(temporary, data)
+            self.fs.mv(temporary, final)
+        except BaseException:
+            if self.fs.exists(temporary):
+                self.fs.rm_file(temporary)
+            raise
+        return self.uri_of(relative)
+
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self.path(relative))
+
+    def write_json(self, relative: str, value) -> str:
+        return self.write_bytes(relative, json.dumps(value, indent=2).encode())
+
+
+def read_safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob, read from its JSON header."""
+    (header_size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_size])
+    return header.get("__metadata__", {})
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
