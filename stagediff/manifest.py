@@ -1,0 +1,49 @@
+"""The run manifest: which artifacts belong to which (prompt, seed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stagediff.plan import Plan
+
+
+def manifest_of(plan: Plan) -> dict:
+    """The manifest as a dict: model, family and one entry per (prompt, seed) with artifact URIs."""
+    store = plan.store
+    return {
+        "model": plan.request.model,
+        "family": plan.family.name,
+        "settings": {
+            "steps": plan.settings.steps,
+            "guidance": plan.settings.guidance,
+            "height": plan.settings.height,
+            "width": plan.settings.width,
+            "frames": plan.settings.frames,
+            "fps": plan.settings.fps,
+            "dtype": plan.settings.dtype,
+            **plan.settings.extras,
+        },
+        "items": [
+            {
+                "prompt": item.prompt,
+                "negative_prompt": item.embedding.negative_prompt,
+                "seed": item.seed,
+                "embeddings": store.uri_of(item.embedding.path),
+                "latents": store.uri_of(item.latents_path),
+                "media": store.uri_of(item.media_path),
+            }
+            for item in plan.items
+        ],
+    }
+
+
+def write_manifest(plan: Plan, run_name: str, copy_to: str | None = None) -> str:
+    """Write runs/<run_name>/manifest.json to the store, and a copy at `copy_to`; return the store URI."""
+    document = manifest_of(plan)
+    uri = plan.store.write_json(f"runs/{run_name}/manifest.json", document)
+    if copy_to:
+        path = Path(copy_to)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=2))
+    return uri
