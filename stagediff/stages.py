@@ -30,6 +30,7 @@ class StageResult:
     computed: int = 0
     load_seconds: float = 0.0
     compile_seconds: float = 0.0
+    compiles: int = 0
     item_seconds: list[float] = field(default_factory=list)
 
 
@@ -72,6 +73,14 @@ def _stage_pipeline(plan: Plan, stage: str, backend: str) -> tuple[_Loaded, floa
     loaded = _Loaded(key, pipe, compile_seconds)
     _loaded[stage] = loaded
     return loaded, time.perf_counter() - start
+
+
+def loaded_components(stage: str) -> tuple[str, ...]:
+    """Names of the pipeline components the stage currently holds in memory."""
+    loaded = _loaded.get(stage)
+    if loaded is None:
+        return ()
+    return tuple(sorted(name for name, value in loaded.pipe.components.items() if value is not None))
 
 
 def release(stage: str | None = None) -> None:
@@ -138,11 +147,14 @@ def denoise(plan: Plan, prompts=None, seeds=None, progress: Progress | None = No
                 uri = store.write_tensors(
                     item.latents_path, {"latents": latents[index : index + 1]}, item.latents_key, item.latents_inputs
                 )
+                # Media decoded from the latents this replaces is stale now: decode redoes it.
+                store.remove(item.media_path)
                 progress.item_done(DENOISE, uri)
             seconds = (time.perf_counter() - start) / len(batch)
             result.item_seconds.extend([seconds] * len(batch))
         progress.stage_finished(DENOISE)
         result.compile_seconds = sum(loaded.compile_seconds[compiles_before:])
+        result.compiles = len(loaded.compile_seconds) - compiles_before
     result.computed = len(pending)
     return result
 

@@ -78,6 +78,11 @@ class Store:
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
 
+    def remove(self, relative: str) -> None:
+        """Delete an artifact if it is there."""
+        if self.exists(relative):
+            self.fs.rm_file(self.path(relative))
+
     # -- tensors -------------------------------------------------------------------------------
     def write_tensors(self, relative: str, tensors: Mapping[str, torch.Tensor], key: str, inputs: Mapping) -> str:
         """Write tensors (dtype kept) with their key, key inputs, checksum and version; return the URI."""

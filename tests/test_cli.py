@@ -1,0 +1,94 @@
+"""The `stagediff` command: a real generation, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from stagediff.cli import main
+from stagediff.media import read_png_metadata
+
+
+def stagediff(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run([sys.executable, "-m", "stagediff.cli", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_generate_writes_pngs_and_a_manifest(tiny_sdxl, tmp_path):
+    process = stagediff(
+        "generate", "--model", str(tiny_sdxl), "--prompt", "a red cat", "--prompt", "a blue dog",
+        "--seed", "0", "--seed", "1", "--steps", "2", "--store", "store", "--manifest", "out/manifest.json",
+        "--run-name", "first", cwd=tmp_path,
+    )
+    assert process.returncode == 0, process.stderr
+
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest == json.loads((tmp_path / "store/runs/first/manifest.json").read_text())
+    assert manifest["family"] == "sdxl"
+    assert [(i["prompt"], i["seed"]) for i in manifest["items"]] == [
+        ("a red cat", 0), ("a red cat", 1), ("a blue dog", 0), ("a blue dog", 1)
+    ]
+    for item in manifest["items"]:
+        media = tmp_path / "store" / item["media"] if not os.path.isabs(item["media"]) else Path(item["media"])
+        assert str(media) in process.stdout
+        with Image.open(media) as image:
+            assert image.size == (128, 128)
+        metadata = read_png_metadata(media.read_bytes())
+        assert (metadata["prompt"], metadata["seed"], metadata["steps"]) == (item["prompt"], item["seed"], 2)
+        assert metadata["model"] == str(tiny_sdxl)
+
+
+def _args(model, store, *extra):
+    return ["generate", "--model", str(model), "--prompt", "a cat", "--seed", "0", "--store", str(store), *extra]
+
+
+@pytest.fixture
+def folder_without_index(tmp_path):
+    (tmp_path / "no-index").mkdir()
+    return tmp_path / "no-index"
+
+
+@pytest.fixture
+def unsupported_model(tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    return tmp_path / "other"
+
+
+BAD_INPUTS = {
+    "missing model path": (lambda m, t: ["--model", str(t / "nowhere")], "nowhere"),
+    "folder without model_index.json": (lambda m, t: ["--model", str(t / "no-index")], "no model_index.json"),
+    "unsupported family": (lambda m, t: ["--model", str(t / "other")], "KandinskyPipeline"),
+    "steps below one": (lambda m, t: ["--steps", "0"], "--steps 0"),
+    "negative seed": (lambda m, t: ["--seed", "-1"], "--seed -1"),
+    "non-integer seed": (lambda m, t: ["--seed", "1.5"], "'1.5'"),
+    "empty prompt": (lambda m, t: ["--prompt", "  "], "--prompt '  '"),
+    "height not a multiple of the VAE factor": (lambda m, t: ["--height", "100"], "--height 100"),
+    "unwritable store": (lambda m, t: ["--store", str(t / "a-file/store")], "a-file/store is not writable"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_fails_with_one_line_and_no_artifacts(case, tiny_sdxl, tmp_path, folder_without_index, unsupported_model, capsys):
+    (tmp_path / "a-file").write_text("")
+    make_args, expected = BAD_INPUTS[case]
+    args = _args(tiny_sdxl, tmp_path / "store") + make_args(tiny_sdxl, tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main(args))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("stagediff: error: ") and error.count("\n") == 1, error
+    assert expected in error
+    assert not (tmp_path / "store").exists()
+
+
+def test_bad_input_exits_without_traceback(tmp_path):
+    process = stagediff(*_args(tmp_path / "nowhere", tmp_path / "store"), cwd=tmp_path)
+    assert process.returncode == 2
+    assert process.stderr.strip().splitlines() == [f"stagediff: error: model not found: {tmp_path / 'nowhere'} (no such folder)"]

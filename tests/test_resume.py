@@ -1,0 +1,64 @@
+"""Resume and reuse: the store, not luck, decides what is computed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from helpers import run_all_stages, snapshot
+from stagediff.plan import make_plan
+from stagediff.request import Request
+
+
+def _request(model, store, seeds=(0, 1), prompts=("a red cat", "a blue dog")):
+    return Request(model=str(model), prompts=list(prompts), seeds=list(seeds), steps=2, store=str(store))
+
+
+def computed(results) -> dict[str, int]:
+    return {stage: result.computed for stage, result in results.items()}
+
+
+def test_one_prompt_many_seeds_encodes_once(tiny_sdxl, tmp_path):
+    results = run_all_stages(_request(tiny_sdxl, tmp_path, seeds=(0, 1, 2), prompts=("a red cat",)))
+    assert computed(results) == {"encode": 1, "denoise": 3, "decode": 3}
+    assert len(list((tmp_path / "embeddings/sdxl").iterdir())) == 1
+
+
+def test_rerun_reuses_every_artifact(tiny_sdxl, tmp_path):
+    request = _request(tiny_sdxl, tmp_path)
+    run_all_stages(request)
+    before = snapshot(tmp_path)
+    results = run_all_stages(request)
+    assert computed(results) == {"encode": 0, "denoise": 0, "decode": 0}
+    assert all(result.load_seconds == 0 for result in results.values())
+    assert snapshot(tmp_path) == before
+
+
+def test_deleting_one_latents_file_recomputes_only_that_item_and_its_media(tiny_sdxl, tmp_path):
+    request = _request(tiny_sdxl, tmp_path)
+    run_all_stages(request)
+    victim = make_plan(request).items[2]
+    Path(tmp_path, victim.latents_path).unlink()
+    before = snapshot(tmp_path)
+
+    results = run_all_stages(request)
+    assert computed(results) == {"encode": 0, "denoise": 1, "decode": 1}
+    changed = {path for path, mtime in snapshot(tmp_path).items() if before.get(path) != mtime}
+    assert changed == {victim.latents_path, victim.media_path}
+
+
+def test_adding_a_seed_encodes_nothing_new(tiny_sdxl, tmp_path):
+    run_all_stages(_request(tiny_sdxl, tmp_path, seeds=(0,)))
+    results = run_all_stages(_request(tiny_sdxl, tmp_path, seeds=(0, 1)))
+    assert computed(results) == {"encode": 0, "denoise": 2, "decode": 2}
+
+
+def test_corrupt_latents_are_recomputed(tiny_sdxl, tmp_path):
+    request = _request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",))
+    run_all_stages(request)
+    item = make_plan(request).items[0]
+    path = Path(tmp_path, item.latents_path)
+    path.write_bytes(path.read_bytes()[:100])
+
+    results = run_all_stages(request)
+    assert computed(results) == {"encode": 0, "denoise": 1, "decode": 1}
+    make_plan(request).store.read_tensors(item.latents_path, item.latents_key)
