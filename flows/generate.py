@@ -34,6 +34,7 @@ def generate(
     frames: int | None = None,
     fps: int | None = None,
     flow_shift: float | None = None,
+    true_cfg: float | None = None,
     dtype: str = "float32",
     store: str = DEFAULT_STORE,
     backend: str = "auto",
@@ -45,7 +46,7 @@ def generate(
     request = Request(
         model=model, prompts=prompts, seeds=seeds, negative_prompt=negative_prompt, steps=steps,
         guidance=guidance, height=height, width=width, frames=frames, fps=fps, dtype=dtype, store=store,
-        backend=backend, batch_size=batch_size, extras={"flow_shift": flow_shift},
+        backend=backend, batch_size=batch_size, extras={"flow_shift": flow_shift, "true_cfg": true_cfg},
     )
     plan = make_plan(request)
     plan.store.check_writable()

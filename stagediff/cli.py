@@ -48,6 +48,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, help="video frames (video families)")
     parser.add_argument("--fps", type=int, help="video frames per second (video families)")
     parser.add_argument("--flow-shift", type=float, help="flow-matching shift (Wan: 3.0 for 480p, 5.0 for 720p)")
+    parser.add_argument("--true-cfg", type=float, help="FLUX.1: true CFG scale, used with --negative-prompt (default 1: off)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--store", default=DEFAULT_STORE, help="local folder or gs://bucket/prefix")
     parser.add_argument("--backend", default="auto", help="auto, torch or torchax (auto: torchax on TPU)")
@@ -72,7 +73,7 @@ def request_from(args) -> Request:
         store=args.store,
         backend=args.backend,
         batch_size=args.batch_size,
-        extras={"flow_shift": args.flow_shift},
+        extras={"flow_shift": args.flow_shift, "true_cfg": args.true_cfg},
     )
 
 
@@ -126,7 +127,7 @@ def generate_parameters(args) -> dict:
     """The `generate` flow's parameters from the command line (same names, snake_case)."""
     names = (
         "model", "prompts", "seeds", "negative_prompt", "steps", "guidance", "height", "width", "frames", "fps",
-        "flow_shift", "dtype", "store", "backend", "batch_size", "run_name", "manifest",
+        "flow_shift", "true_cfg", "dtype", "store", "backend", "batch_size", "run_name", "manifest",
     )
     return {name: getattr(args, name) for name in names}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from stagediff.errors import StagediffError
 from stagediff.families import FamilyAdapter, Settings
 from stagediff.models import Model, open_model
 from stagediff.request import Request
@@ -86,6 +87,8 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
     model = model or open_model(request.model)
     family = model.family
     settings = resolve_settings(request, model)
+    if request.negative_prompt is not None and not family.uses_negative_prompt:
+        raise StagediffError(f"--negative-prompt is not supported by {family.name} models (their pipeline takes none)")
     negative = request.negative_prompt if request.negative_prompt is not None else family.default_negative_prompt or None
 
     encoders = model.fingerprint(family.encode_components)

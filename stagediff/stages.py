@@ -60,10 +60,13 @@ def _stage_pipeline(plan: Plan, stage: str, backend: str) -> tuple[_Loaded, floa
     release(stage)
     start = time.perf_counter()
     wanted = _components_of(plan, stage)
-    skipped = {name: None for name in plan.model.components() if name not in wanted}
+    own = plan.family.own_components(plan.model.folder, wanted)
+    skipped = {name: None for name in plan.model.components() if name not in wanted or name in own}
     pipe = plan.family.pipeline_class().from_pretrained(
         plan.model.folder, dtype=TORCH_DTYPES[plan.settings.dtype], **skipped
     )
+    if own:
+        pipe.register_modules(**own)
     pipe.set_progress_bar_config(disable=True)
     compile_seconds: list[float] = []
     if stage == DENOISE:

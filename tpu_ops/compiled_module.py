@@ -69,7 +69,8 @@ class CompiledModule:
         return result
 
     def _jitted_for(self, static_kwargs: tuple, tensor_names: tuple) -> Callable:
-        key = (static_kwargs, tensor_names)
+        # By repr: static values may be unhashable (FLUX.1 passes `joint_attention_kwargs={}`).
+        key = (repr(static_kwargs), tensor_names)
         with self._lock:
             if key not in self._jitted:
                 import torchax

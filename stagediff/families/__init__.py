@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from stagediff.errors import StagediffError
 from stagediff.families.base import FamilyAdapter, Settings
+from stagediff.families.flux1 import Flux1
+from stagediff.families.flux2 import Flux2, Flux2Klein
 from stagediff.families.sdxl import SDXL
 
-FAMILIES: dict[str, FamilyAdapter] = {adapter.name: adapter for adapter in (SDXL(),)}
+FAMILIES: dict[str, FamilyAdapter] = {adapter.name: adapter for adapter in (SDXL(), Flux1(), Flux2(), Flux2Klein())}
 
 
 def family_for_pipeline(class_name: str, where: str) -> FamilyAdapter:

@@ -12,6 +12,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,10 +55,17 @@ class FamilyAdapter(ABC):
     """The component the denoise backend compiles (`unet` or `transformer`)."""
     media_extension: str = "png"
     default_negative_prompt: str = ""
+    uses_negative_prompt: bool = True
+    """False for families whose pipeline takes no negative prompt: asking for one is an error."""
 
     @abstractmethod
     def pipeline_class(self) -> type:
         """The diffusers pipeline class whose components and numerics this family reproduces."""
+
+    def own_components(self, folder: Path, names: tuple[str, ...]) -> dict[str, Any]:
+        """Components among `names` that this family loads itself rather than through the diffusers
+        pipeline's loader (which then skips them); none by default."""
+        return {}
 
     @abstractmethod
     def default_settings(self, model_index: dict, config_of: Callable[[str], dict]) -> Settings:

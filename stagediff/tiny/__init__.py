@@ -7,8 +7,14 @@ from pathlib import Path
 
 from stagediff.errors import StagediffError
 
+# name -> "module" (its `build`) or "module:function" for a variant built by another function.
 BUILDERS = {
     "sdxl": "stagediff.tiny.sdxl",
+    "flux1": "stagediff.tiny.flux1",
+    "flux1-schnell": "stagediff.tiny.flux1:build_schnell",
+    "flux2": "stagediff.tiny.flux2",
+    "flux2-klein": "stagediff.tiny.flux2:build_klein",
+    "flux2-klein-base": "stagediff.tiny.flux2:build_klein_base",
 }
 
 
@@ -16,5 +22,6 @@ def build_tiny_model(family: str, folder: Path) -> Path:
     """Build the tiny checkpoint of `family` into `folder` (diffusers layout with model_index.json)."""
     if family not in BUILDERS:
         raise StagediffError(f"unknown family {family!r} for tiny-model (choose from {', '.join(BUILDERS)})")
-    module = importlib.import_module(BUILDERS[family])
-    return module.build(Path(folder))
+    module_name, _, function = BUILDERS[family].partition(":")
+    build = getattr(importlib.import_module(module_name), function or "build")
+    return build(Path(folder))

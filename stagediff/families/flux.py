@@ -1,0 +1,82 @@
+"""What every FLUX pipeline (FLUX.1, FLUX.2, FLUX.2-klein) shares: a transformer over 2×2 patches of
+the VAE latents, sizes in multiples of twice the VAE factor, 1024² by default, prompts of at most 512
+tokens, and a decode that ends in `vae.decode`."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+
+from stagediff.families.base import FamilyAdapter, Settings, stack_embeddings, step_reporter, to_uint8_frames
+
+DEFAULT_SAMPLE_SIZE = 128
+"""The pipelines' `default_sample_size`, in latent pixels: 1024 image pixels with a VAE factor of 8."""
+MAX_SEQUENCE_LENGTH = 512
+"""The pipelines' default `max_sequence_length` for the text encoder."""
+
+
+class FluxFamily(FamilyAdapter):
+    denoise_components = ("scheduler", "transformer")
+    decode_components = ("vae",)
+    denoiser_component = "transformer"
+    default_steps: int
+
+    @abstractmethod
+    def default_guidance(self, model_index: dict, config_of) -> float:
+        """The guidance the pipeline applies by default (a neutral value where the model has none)."""
+
+    def default_extras(self, model_index: dict, config_of) -> dict:
+        """Family options beyond the common settings, with their defaults."""
+        return {}
+
+    @abstractmethod
+    def guidance_arguments(self, settings: Settings) -> dict:
+        """The pipeline call's guidance arguments for these settings."""
+
+    @abstractmethod
+    def latents_for_vae(self, pipe, latents: torch.Tensor, settings: Settings) -> torch.Tensor:
+        """Stored latents (as `output_type="latent"` returns them) → the VAE decoder's input, as the
+        pipeline computes it after its denoise loop."""
+
+    def vae_factor(self, config_of) -> int:
+        return 2 ** (len(config_of("vae")["block_out_channels"]) - 1)
+
+    def size_multiple(self, config_of):
+        # Latents are packed in 2×2 patches.
+        return 2 * self.vae_factor(config_of)
+
+    def default_settings(self, model_index, config_of):
+        size = DEFAULT_SAMPLE_SIZE * self.vae_factor(config_of)
+        return Settings(
+            steps=self.default_steps,
+            guidance=self.default_guidance(model_index, config_of),
+            height=size,
+            width=size,
+            extras=self.default_extras(model_index, config_of),
+        )
+
+    def encoder_settings(self, settings):
+        return {"max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+    def denoise(self, pipe, embeddings, generators, settings, on_step=None):
+        batch = stack_embeddings(embeddings)
+        device = pipe._execution_device
+        return pipe(
+            **{name: tensor.to(device) for name, tensor in batch.items()},
+            **self.guidance_arguments(settings),
+            num_inference_steps=settings.steps,
+            height=settings.height,
+            width=settings.width,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            generator=generators,
+            output_type="latent",
+            callback_on_step_end=step_reporter(on_step, settings.steps),
+        ).images
+
+    def decode(self, pipe, latents, settings):
+        vae = pipe.vae
+        latents = self.latents_for_vae(pipe, latents, settings).to(vae.device, vae.dtype)
+        with torch.no_grad():
+            images = vae.decode(latents, return_dict=False)[0]
+        yield to_uint8_frames(images)

@@ -1,0 +1,139 @@
+"""FLUX.2: FLUX.2-dev (Flux2Pipeline: Mistral3 text encoder, embedded guidance) and FLUX.2-klein
+(Flux2KleinPipeline: Qwen3 text encoder; classifier-free guidance for base models, none for
+step-distilled ones).
+
+Both read stacked hidden states of fixed text-encoder layers as the prompt embedding and denoise
+packed latents `(1, (H/16)(W/16), 4C)` with the same transformer class. They return different
+latents for `output_type="latent"`: Flux2Pipeline the packed latents before the VAE batch-norm
+de-normalisation, Flux2KleinPipeline unpacked and de-normalised `(1, C, H/8, W/8)`; so the klein
+pipeline needs its VAE (for the batch-norm statistics) in the denoise stage too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stagediff.families.flux import MAX_SEQUENCE_LENGTH, FluxFamily
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 4.0
+NO_GUIDANCE = 1.0
+"""Recorded for step-distilled klein models, which run no CFG whatever the scale."""
+
+
+class Flux2Family(FluxFamily):
+    encode_components = ("text_encoder", "tokenizer")
+    default_steps = DEFAULT_STEPS
+    text_encoder_out_layers: tuple[int, ...]
+    """The text-encoder layers whose hidden states the pipeline stacks (its default)."""
+
+    def encoder_settings(self, settings):
+        return {**super().encoder_settings(settings), "text_encoder_out_layers": list(self.text_encoder_out_layers)}
+
+    def encode_text(self, pipe, text: str) -> torch.Tensor:
+        embeds, _text_ids = pipe.encode_prompt(
+            prompt=text,
+            device=torch.device("cpu"),
+            num_images_per_prompt=1,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            text_encoder_out_layers=self.text_encoder_out_layers,
+        )
+        return embeds
+
+    def guidance_arguments(self, settings):
+        return {"guidance_scale": settings.guidance}
+
+
+class Flux2(Flux2Family):
+    """FLUX.2-dev: embedded guidance, no negative prompt."""
+
+    name = "flux2"
+    pipeline_class_names = ("Flux2Pipeline",)
+    uses_negative_prompt = False
+    text_encoder_out_layers = (10, 20, 30)
+
+    def pipeline_class(self):
+        from diffusers import Flux2Pipeline
+
+        return Flux2Pipeline
+
+    def default_guidance(self, model_index, config_of):
+        return DEFAULT_GUIDANCE
+
+    def own_components(self, folder, names):
+        if "tokenizer" not in names:
+            return {}
+        return {"tokenizer": load_chat_tokenizer(Path(folder) / "tokenizer")}
+
+    def encode(self, pipe, prompt, negative_prompt, settings):
+        return {"prompt_embeds": self.encode_text(pipe, prompt)}
+
+    def latents_for_vae(self, pipe, latents, settings):
+        batch, tokens, channels = latents.shape
+        height = settings.height // (2 * pipe.vae_scale_factor)
+        width = settings.width // (2 * pipe.vae_scale_factor)
+        # The pipeline scatters tokens by their position ids, which enumerate rows then columns:
+        # the inverse of its packing.
+        latents = latents.permute(0, 2, 1).reshape(batch, channels, height, width)
+        bn, eps = pipe.vae.bn, pipe.vae.config.batch_norm_eps
+        mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(latents.device, latents.dtype)
+        return pipe._unpatchify_latents(latents * std + mean)
+
+
+class Flux2Klein(Flux2Family):
+    """FLUX.2-klein: CFG against a negative prompt (default empty) for base models; step-distilled
+    models (`is_distilled` in model_index.json) run no CFG and need no negative embeddings."""
+
+    name = "flux2-klein"
+    pipeline_class_names = ("Flux2KleinPipeline",)
+    # The pipeline de-normalises its latents with the VAE's batch-norm statistics even for
+    # output_type="latent".
+    denoise_components = ("scheduler", "transformer", "vae")
+    text_encoder_out_layers = (9, 18, 27)
+
+    def pipeline_class(self):
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline
+
+    def default_guidance(self, model_index, config_of):
+        return NO_GUIDANCE if model_index.get("is_distilled") else DEFAULT_GUIDANCE
+
+    def default_extras(self, model_index, config_of):
+        # Part of the embeddings key: base and distilled models share text encoders, but only
+        # base models' embeddings hold a negative prompt.
+        return {"distilled": bool(model_index.get("is_distilled", False))}
+
+    def encoder_settings(self, settings):
+        return {**super().encoder_settings(settings), "distilled": settings.extras["distilled"]}
+
+    def encode(self, pipe, prompt, negative_prompt, settings):
+        tensors = {"prompt_embeds": self.encode_text(pipe, prompt)}
+        if not settings.extras["distilled"]:
+            # The pipeline's own negative prompt is the empty string.
+            tensors["negative_prompt_embeds"] = self.encode_text(pipe, negative_prompt or "")
+        return tensors
+
+    def latents_for_vae(self, pipe, latents, settings):
+        return latents
+
+
+def load_chat_tokenizer(folder: Path):
+    """The tokenizer in `folder`, with the chat template of the processor saved there if any.
+
+    FLUX.2-dev's tokenizer folder holds a PixtralProcessor, which transformers refuses to build
+    without torchvision (for its image processor). For text the pipeline only calls
+    `apply_chat_template`, which renders the processor's template and tokenizes the result with
+    the processor's tokenizer; the tokenizer with that same template does exactly this.
+    """
+    from transformers import AutoTokenizer
+    from transformers.processing_utils import ProcessorMixin
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    processor_dict, _ = ProcessorMixin.get_processor_dict(str(folder))
+    if processor_dict.get("chat_template") is not None:
+        tokenizer.chat_template = processor_dict["chat_template"]
+    return tokenizer

@@ -1,0 +1,114 @@
+"""Tiny random-init FLUX.1: the real FluxPipeline classes (CLIP + T5, FluxTransformer2DModel,
+AutoencoderKL) with small configs. `build` makes a dev-style model (embedded guidance, dynamic
+shifting); `build_schnell` a schnell-style one (no guidance embedding, fixed shift)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stagediff.tiny.tokenizers import CLIP_SPECIAL_TOKENS, clip_vocab, save_clip_tokenizer, save_t5_tokenizer
+
+CLIP_HIDDEN = 32
+T5_HIDDEN = 32
+LATENT_CHANNELS = 4
+
+
+def build(folder: Path, seed: int = 0) -> Path:
+    """Write a tiny FLUX.1-dev style checkpoint (diffusers layout, model_index.json) to `folder`."""
+    return _build(Path(folder), seed, guidance_embeds=True)
+
+
+def build_schnell(folder: Path, seed: int = 0) -> Path:
+    """Write a tiny FLUX.1-schnell style checkpoint to `folder`."""
+    return _build(Path(folder), seed, guidance_embeds=False)
+
+
+def _build(folder: Path, seed: int, guidance_embeds: bool) -> Path:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_HIDDEN,
+        pooled_projection_dim=CLIP_HIDDEN,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    # FLUX.1-dev shifts the schedule with the image size; schnell uses a fixed shift of 1.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0 if guidance_embeds else 1.0,
+        use_dynamic_shifting=guidance_embeds,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+    )
+    torch.manual_seed(seed + 1)
+    # Four blocks: the VAE factor of 8 that the pipeline also assumes when its VAE is not loaded.
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    vocab = clip_vocab()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=vocab[CLIP_SPECIAL_TOKENS[0]],
+            eos_token_id=vocab[CLIP_SPECIAL_TOKENS[1]],
+            pad_token_id=vocab[CLIP_SPECIAL_TOKENS[1]],
+            hidden_size=CLIP_HIDDEN,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(vocab),
+            projection_dim=CLIP_HIDDEN,
+        )
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = save_clip_tokenizer(folder / "tokenizer")
+    tokenizer_2 = save_t5_tokenizer(folder / "tokenizer_2")
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=T5_HIDDEN,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+            decoder_start_token_id=tokenizer_2.pad_token_id,
+        )
+    )
+    pipeline = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipeline.save_pretrained(folder)
+    return folder

@@ -1,0 +1,147 @@
+"""Tiny random-init FLUX.2: the real Flux2Pipeline (Mistral3 text encoder, embedded guidance) and
+Flux2KleinPipeline (Qwen3 text encoder; distilled, or base with CFG) classes with small configs.
+
+The text encoders have as many layers as the pipelines read hidden states from (FLUX.2-dev layers
+10/20/30, klein 9/18/27), with a tiny width.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stagediff.tiny.tokenizers import save_mistral_tokenizer, save_qwen_tokenizer
+
+TEXT_HIDDEN = 16
+LATENT_CHANNELS = 4
+MISTRAL_LAYERS = 30
+QWEN_LAYERS = 27
+
+
+def build(folder: Path, seed: int = 0) -> Path:
+    """Write a tiny FLUX.2-dev style checkpoint (diffusers layout, model_index.json) to `folder`."""
+    from diffusers import Flux2Pipeline
+
+    folder = Path(folder)
+    tokenizer = save_mistral_tokenizer(folder / "tokenizer")
+    torch.manual_seed(seed + 2)
+    text_encoder = _mistral3_text_encoder(tokenizer)
+    pipeline = Flux2Pipeline(
+        text_encoder=text_encoder, tokenizer=tokenizer, **_image_components(seed, guidance_embeds=True)
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def build_klein(folder: Path, seed: int = 0) -> Path:
+    """Write a tiny FLUX.2-klein style checkpoint (step-distilled: no CFG) to `folder`."""
+    return _build_klein(Path(folder), seed, is_distilled=True)
+
+
+def build_klein_base(folder: Path, seed: int = 0) -> Path:
+    """Write a tiny FLUX.2-klein-base style checkpoint (CFG with an empty negative prompt) to `folder`."""
+    return _build_klein(Path(folder), seed, is_distilled=False)
+
+
+def _build_klein(folder: Path, seed: int, is_distilled: bool) -> Path:
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = save_qwen_tokenizer(folder / "tokenizer")
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=32,
+            num_hidden_layers=QWEN_LAYERS,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    pipeline = Flux2KleinPipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        is_distilled=is_distilled,
+        **_image_components(seed, guidance_embeds=False),
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def _image_components(seed: int, guidance_embeds: bool) -> dict:
+    """Transformer, scheduler and VAE shared by both FLUX.2 pipelines."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * TEXT_HIDDEN,
+        timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+    torch.manual_seed(seed + 1)
+    # Four blocks: the VAE factor of 8 that the pipelines also assume when their VAE is not loaded.
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    # A freshly initialised batch norm is the identity (mean 0, variance 1); give it statistics so the
+    # latent de-normalisation is visible in the numbers.
+    generator = torch.Generator().manual_seed(seed + 4)
+    vae.bn.running_mean.copy_(torch.randn(vae.bn.num_features, generator=generator) * 0.5)
+    vae.bn.running_var.copy_(torch.rand(vae.bn.num_features, generator=generator) + 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return {"transformer": transformer, "vae": vae, "scheduler": scheduler}
+
+
+def _mistral3_text_encoder(tokenizer):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": len(tokenizer),
+            "hidden_size": TEXT_HIDDEN,
+            "intermediate_size": 32,
+            "num_hidden_layers": MISTRAL_LAYERS,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "max_position_embeddings": 1024,
+            "sliding_window": None,
+            **special,
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "num_channels": 3,
+        },
+        image_token_index=tokenizer.unk_token_id,
+        **special,
+    )
+    return Mistral3ForConditionalGeneration(config)
