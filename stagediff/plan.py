@@ -76,7 +76,11 @@ def resolve_settings(request: Request, model: Model) -> Settings:
         for name in ("steps", "guidance", "height", "width", "frames", "fps")
         if getattr(request, name) is not None
     }
-    extras = {**defaults.extras, **{k: v for k, v in request.extras.items() if v is not None}}
+    given = {name: value for name, value in request.extras.items() if value is not None}
+    for name in given:
+        if name not in defaults.extras:
+            raise StagediffError(f"--{name.replace('_', '-')} is not an option of {family.name} models")
+    extras = {**defaults.extras, **given}
     settings = defaults.replace(dtype=request.dtype, extras=extras, **chosen)
     family.validate(settings, model.config_of)
     return settings

@@ -127,6 +127,12 @@ def test_true_cfg_below_one_is_rejected(tiny_models, tmp_path):
         make_plan(request)
 
 
+def test_an_option_of_another_family_is_rejected(tiny_models, tmp_path):
+    request = Request(model=str(tiny_models("flux2")), prompts=[PROMPT], seeds=[0], extras={"true_cfg": 2.0}, store=str(tmp_path))
+    with pytest.raises(StagediffError, match="--true-cfg is not an option of flux2 models"):
+        make_plan(request)
+
+
 def test_klein_base_runs_cfg_against_a_given_negative_prompt(tiny_models, tmp_path):
     folder = tiny_models("flux2-klein-base")
     request = request_for(CASES["flux2-klein-base"], folder, tmp_path, negative_prompt="blurry", seeds=[SEEDS[0]])

@@ -68,7 +68,6 @@ class FluxFamily(FamilyAdapter):
             num_inference_steps=settings.steps,
             height=settings.height,
             width=settings.width,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
             generator=generators,
             output_type="latent",
             callback_on_step_end=step_reporter(on_step, settings.steps),

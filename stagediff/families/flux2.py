@@ -127,7 +127,8 @@ def load_chat_tokenizer(folder: Path):
     FLUX.2-dev's tokenizer folder holds a PixtralProcessor, which transformers refuses to build
     without torchvision (for its image processor). For text the pipeline only calls
     `apply_chat_template`, which renders the processor's template and tokenizes the result with
-    the processor's tokenizer; the tokenizer with that same template does exactly this.
+    the processor's tokenizer; the tokenizer with that same template does exactly this (Mistral's
+    template starts with the BOS token, so neither path adds special tokens of its own).
     """
     from transformers import AutoTokenizer
     from transformers.processing_utils import ProcessorMixin
