@@ -4,6 +4,7 @@ calls one stage, logs timings, publishes progress, and returns artifact URIs: ne
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -12,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from stagediff import manifest, stages
 from stagediff.errors import StagediffError
 from stagediff.plan import make_plan
+from stagediff.progress import ProgressGroup, TqdmProgress
 from stagediff.request import Request
 from tasks.progress import ArtifactProgress
 
@@ -38,7 +40,8 @@ def _run_stage(stage, request: dict) -> list[str]:
     logger = get_run_logger()
     _fail_once_if_asked(stage.__name__)
     plan = make_plan(Request(**request))
-    result = stage(plan, progress=ArtifactProgress())
+    terminal = (TqdmProgress(),) if sys.stderr.isatty() else ()
+    result = stage(plan, progress=ProgressGroup(ArtifactProgress(), *terminal))
     if result.computed:
         per_item = sum(result.item_seconds) / len(result.item_seconds)
         compiled = f", compile {result.compile_seconds:.2f}s ({result.compiles} shapes)" if result.compiles else ""
