@@ -125,6 +125,9 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
     if not pending:
         return result
     backend = resolve_backend(plan.request.backend)
+    # Read each needed embedding once, before loading anything: a missing one fails fast.
+    first_user = {item.embedding.key: item for item in reversed(pending)}
+    embeddings = {key: _read_embeddings(plan, item) for key, item in first_user.items()}
     with _stage_locks[DENOISE]:
         loaded, result.load_seconds = _stage_pipeline(plan, DENOISE, backend)
         compiles_before = len(loaded.compile_seconds)
@@ -133,12 +136,11 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
         for first in range(0, len(pending), batch_size):
             batch = pending[first : first + batch_size]
             start = time.perf_counter()
-            embeddings = [_read_embeddings(plan, item) for item in batch]
             generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
             with torch.no_grad():
                 latents = plan.family.denoise(
                     loaded.pipe,
-                    embeddings,
+                    [embeddings[item.embedding.key] for item in batch],
                     generators,
                     plan.settings,
                     on_step=lambda index, total: progress.step(DENOISE, index, total),
