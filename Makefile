@@ -29,6 +29,9 @@ demo: $(INSTALLED) $(DEMO_MODEL)/model_index.json
 test: $(INSTALLED)
 	$(PY) -m pytest
 
+serve: $(INSTALLED) $(DEMO_MODEL)/model_index.json
+	$(PY) -m flows.local_stack
+
 bench: $(INSTALLED)
 	$(PY) benchmarks/run.py
 

@@ -1,7 +1,9 @@
 """The `generate` flow: a batch of prompts × seeds through encode → denoise → decode.
 
-Work is split per prompt so that encoding the next prompt overlaps denoising the previous one;
-each stage skips whatever the store already holds, so a rerun only does the missing work.
+The batch is split into chunks of prompts (all seeds of a prompt stay together, so one embedding
+serves them). Chunks whose artifacts all exist are skipped; for the others each stage is submitted
+once per chunk, so encoding the next chunk overlaps denoising the previous one. Stages run in-process
+or, when the stage deployments exist on the server, as flow runs on their work pools.
 """
 
 from __future__ import annotations
@@ -9,53 +11,65 @@ from __future__ import annotations
 import time
 import uuid
 
-from prefect import flow
+from prefect import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.dispatch import stage_deployments_exist, submit_stage
+from flows.parameters import generation_flow, request_from_parameters
+from flows.reporting import RunProgress, publish_results
 from stagediff.plan import make_plan
-from stagediff.request import DEFAULT_STORE, Request
-from tasks import decode_task, denoise_task, encode_task, write_manifest_task
+from stagediff.stages import missing_stages
+from tasks import write_manifest_task
+
+IN_PROCESS_PROMPTS_PER_CHUNK = 1
+"""In-process, stage models stay loaded between chunks: small chunks give the most overlap."""
+POOLED_PROMPTS_PER_CHUNK = 4
+"""On pools every chunk is a new flow-run process that loads its model: larger chunks amortise that."""
 
 
-def default_run_name(request: Request) -> str:
-    return f"{request.model.rstrip('/').rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+def default_run_name(model: str) -> str:
+    return f"{model.rstrip('/').rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-@flow(name="generate", task_runner=ThreadPoolTaskRunner(max_workers=3), log_prints=True)
-def generate(
-    model: str,
-    prompts: list[str],
-    seeds: list[int],
-    negative_prompt: str | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    frames: int | None = None,
-    fps: int | None = None,
-    flow_shift: float | None = None,
-    true_cfg: float | None = None,
-    dtype: str = "float32",
-    store: str = DEFAULT_STORE,
-    backend: str = "auto",
-    batch_size: int = 1,
-    run_name: str | None = None,
-    manifest: str | None = None,
-) -> str:
-    """Generate every prompt with every seed; returns the URI of the run's manifest."""
-    request = Request(
-        model=model, prompts=prompts, seeds=seeds, negative_prompt=negative_prompt, steps=steps,
-        guidance=guidance, height=height, width=width, frames=frames, fps=fps, dtype=dtype, store=store,
-        backend=backend, batch_size=batch_size, extras={"flow_shift": flow_shift, "true_cfg": true_cfg},
-    )
+def chunk_parameters(parameters: dict, prompts: list[str]) -> dict:
+    return {**parameters, "prompts": prompts}
+
+
+def orchestrate(parameters: dict) -> str:
+    logger = get_run_logger()
+    request = request_from_parameters(parameters)
     plan = make_plan(request)
     plan.store.check_writable()
-    params = request.to_dict()
-    media = []
-    for prompt in dict.fromkeys(request.prompts):
-        encoded = encode_task.submit(params, prompts=[prompt])
-        denoised = denoise_task.submit(params, prompts=[prompt], wait_for=[encoded])
-        media.append(decode_task.submit(params, prompts=[prompt], wait_for=[denoised]))
-    for future in media:
+    dispatch = parameters["dispatch"]
+    use_deployments = dispatch == "deployments" or (dispatch == "auto" and stage_deployments_exist())
+    logger.info("%d items, stages %s", len(plan.items), "on their work pools" if use_deployments else "in-process")
+
+    per_chunk = parameters["prompts_per_chunk"] or (POOLED_PROMPTS_PER_CHUNK if use_deployments else IN_PROCESS_PROMPTS_PER_CHUNK)
+    prompts = list(dict.fromkeys(request.prompts))
+    chunks = [prompts[i : i + per_chunk] for i in range(0, len(prompts), per_chunk)]
+    progress = RunProgress(plan, items_per_chunk=per_chunk * len(set(request.seeds)))
+    pending = []
+    for chunk in chunks:
+        params = chunk_parameters(parameters, chunk)
+        needed = missing_stages(make_plan(request_from_parameters(params), model=plan.model))
+        future = None
+        for stage in needed:
+            future = submit_stage(stage, params, use_deployments, wait_for=[future] if future else [])
+        if future is not None:
+            pending.append(future)
+    for future in pending:
         future.result()
-    return write_manifest_task(params, run_name or default_run_name(request), manifest)
+        progress.chunk_done()
+
+    run_name = parameters["run_name"] or default_run_name(request.model)
+    manifest_uri = write_manifest_task(request.to_dict(), run_name, parameters["manifest"])
+    publish_results(plan, run_name)
+    return manifest_uri
+
+
+generate = generation_flow(
+    "generate",
+    orchestrate,
+    "Generate every prompt with every seed (encode → denoise → decode), reusing what the store holds.",
+    task_runner=ThreadPoolTaskRunner(max_workers=4),
+)

@@ -108,7 +108,7 @@ def run(args) -> int:
     if args.command == "generate":
         from flows.generate import generate
 
-        manifest_uri = generate(**generate_parameters(args))
+        manifest_uri = generate(**generate_parameters(args), dispatch="in-process")
         print(f"manifest: {manifest_uri}")
         for uri in [plan.store.uri_of(item.media_path) for item in plan.items]:
             print(uri)

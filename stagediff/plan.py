@@ -56,16 +56,6 @@ class Plan:
     def store(self) -> Store:
         return Store(self.request.store)
 
-    def select(self, prompts=None, seeds=None) -> tuple[tuple[Embedding, ...], tuple[Item, ...]]:
-        """The embeddings and items restricted to some prompts and/or seeds."""
-        items = tuple(
-            item
-            for item in self.items
-            if (prompts is None or item.prompt in prompts) and (seeds is None or item.seed in seeds)
-        )
-        wanted = {item.embedding.key for item in items}
-        return tuple(e for e in self.embeddings if e.key in wanted), items
-
 
 def resolve_settings(request: Request, model: Model) -> Settings:
     """The family's defaults overridden by whatever the request sets."""

@@ -56,3 +56,26 @@ class TqdmProgress(Progress):
         if self.steps is not None:
             self.steps.close()
             self.steps = None
+
+
+class ProgressGroup(Progress):
+    """Forwards every event to several sinks (say, a terminal bar and a Prefect artifact)."""
+
+    def __init__(self, *sinks: Progress):
+        self.sinks = sinks
+
+    def stage_started(self, stage, total_items):
+        for sink in self.sinks:
+            sink.stage_started(stage, total_items)
+
+    def step(self, stage, step_index, total_steps):
+        for sink in self.sinks:
+            sink.step(stage, step_index, total_steps)
+
+    def item_done(self, stage, uri):
+        for sink in self.sinks:
+            sink.item_done(stage, uri)
+
+    def stage_finished(self, stage):
+        for sink in self.sinks:
+            sink.stage_finished(stage)

@@ -94,11 +94,11 @@ def release(stage: str | None = None) -> None:
 
 
 # -- stages -------------------------------------------------------------------------------------
-def encode(plan: Plan, prompts=None, progress: Progress | None = None) -> StageResult:
+def encode(plan: Plan, progress: Progress | None = None) -> StageResult:
     """Write one embeddings file per distinct (prompt, negative prompt) that lacks a valid one."""
     progress = progress or Progress()
     store = plan.store
-    embeddings, _ = plan.select(prompts=prompts)
+    embeddings = plan.embeddings
     result = StageResult(ENCODE, [store.uri_of(e.path) for e in embeddings])
     pending = [e for e in embeddings if not store.has_valid_tensors(e.path, e.key)]
     if not pending:
@@ -118,16 +118,19 @@ def encode(plan: Plan, prompts=None, progress: Progress | None = None) -> StageR
     return result
 
 
-def denoise(plan: Plan, prompts=None, seeds=None, progress: Progress | None = None) -> StageResult:
+def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
     """Write one latents file per (prompt, seed) that lacks a valid one, `batch_size` items per call."""
     progress = progress or Progress()
     store = plan.store
-    _, items = plan.select(prompts=prompts, seeds=seeds)
+    items = plan.items
     result = StageResult(DENOISE, [store.uri_of(item.latents_path) for item in items])
     pending = [item for item in items if not store.has_valid_tensors(item.latents_path, item.latents_key)]
     if not pending:
         return result
     backend = resolve_backend(plan.request.backend)
+    # Read each needed embedding once, before loading anything: a missing one fails fast.
+    first_user = {item.embedding.key: item for item in reversed(pending)}
+    embeddings = {key: _read_embeddings(plan, item) for key, item in first_user.items()}
     with _stage_locks[DENOISE]:
         loaded, result.load_seconds = _stage_pipeline(plan, DENOISE, backend)
         compiles_before = len(loaded.compile_seconds)
@@ -136,12 +139,11 @@ def denoise(plan: Plan, prompts=None, seeds=None, progress: Progress | None = No
         for first in range(0, len(pending), batch_size):
             batch = pending[first : first + batch_size]
             start = time.perf_counter()
-            embeddings = [_read_embeddings(plan, item) for item in batch]
             generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
             with torch.no_grad():
                 latents = plan.family.denoise(
                     loaded.pipe,
-                    embeddings,
+                    [embeddings[item.embedding.key] for item in batch],
                     generators,
                     plan.settings,
                     on_step=lambda index, total: progress.step(DENOISE, index, total),
@@ -162,14 +164,14 @@ def denoise(plan: Plan, prompts=None, seeds=None, progress: Progress | None = No
     return result
 
 
-def decode(plan: Plan, prompts=None, seeds=None, progress: Progress | None = None) -> StageResult:
+def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
     """Write one media file (PNG or MP4) per (prompt, seed) that lacks a valid one."""
     progress = progress or Progress()
     store = plan.store
-    _, items = plan.select(prompts=prompts, seeds=seeds)
+    items = plan.items
     extension = plan.family.media_extension
     result = StageResult(DECODE, [store.uri_of(item.media_path) for item in items])
-    pending = [item for item in items if not (store.exists(item.media_path) and is_valid_media(extension, store.read_bytes(item.media_path)))]
+    pending = [item for item in items if not _has_valid_media(plan, item)]
     if not pending:
         return result
     with _stage_locks[DECODE]:
@@ -187,6 +189,28 @@ def decode(plan: Plan, prompts=None, seeds=None, progress: Progress | None = Non
         progress.stage_finished(DECODE)
     result.computed = len(pending)
     return result
+
+
+def missing_stages(plan: Plan) -> list[str]:
+    """The stages that still have work for this plan, judged from the store alone (no model loaded)."""
+    store = plan.store
+    missing_latents = [item for item in plan.items if not store.has_valid_tensors(item.latents_path, item.latents_key)]
+    needed = []
+    if missing_latents and any(
+        not store.has_valid_tensors(e.path, e.key)
+        for e in {item.embedding.key: item.embedding for item in missing_latents}.values()
+    ):
+        needed.append(ENCODE)
+    if missing_latents:
+        needed.append(DENOISE)
+    if missing_latents or not all(_has_valid_media(plan, item) for item in plan.items):
+        needed.append(DECODE)
+    return needed
+
+
+def _has_valid_media(plan: Plan, item: Item) -> bool:
+    store = plan.store
+    return store.exists(item.media_path) and is_valid_media(plan.family.media_extension, store.read_bytes(item.media_path))
 
 
 def media_metadata(plan: Plan, item: Item) -> dict:

@@ -1,0 +1,49 @@
+"""How the generate flow runs a stage on a chunk: as in-process tasks, or as a flow run of the stage's
+deployment on its work pool (`run_deployment`, linked as a subflow so the UI shows the tree)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+
+from flows.stages import STAGE_TASKS
+
+DEPLOYMENT_NAME = "stagediff"
+STAGE_DEPLOYMENTS = {stage: f"{stage}/{DEPLOYMENT_NAME}" for stage in STAGE_TASKS}
+POLL_SECONDS = 1.0
+
+
+def stage_deployments_exist() -> bool:
+    """True when the server has a deployment for every stage flow."""
+    with get_client(sync_client=True) as client:
+        for name in STAGE_DEPLOYMENTS.values():
+            try:
+                client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                return False
+    return True
+
+
+class StageRunFailed(RuntimeError):
+    """A stage's deployment flow run ended in a state other than Completed."""
+
+
+@task(name="run-stage-deployment", task_run_name="{stage}-on-pool", cache_policy=NO_CACHE)
+def run_stage_deployment(stage: str, parameters: dict) -> str:
+    """Run the stage's deployment for one chunk and wait for it; returns the flow run id."""
+    flow_run = run_deployment(STAGE_DEPLOYMENTS[stage], parameters=parameters, poll_interval=POLL_SECONDS, timeout=None)
+    if not flow_run.state or not flow_run.state.is_completed():
+        raise StageRunFailed(f"{stage} flow run {flow_run.name} ended {flow_run.state.name if flow_run.state else 'unknown'}")
+    return str(flow_run.id)
+
+
+def submit_stage(stage: str, chunk_parameters: dict, use_deployments: bool, wait_for):
+    """Submit one stage for one chunk, after `wait_for`; returns a future."""
+    if use_deployments:
+        return run_stage_deployment.submit(stage, chunk_parameters, wait_for=wait_for)
+    from flows.parameters import request_from_parameters
+
+    return STAGE_TASKS[stage].submit(request_from_parameters(chunk_parameters).to_dict(), wait_for=wait_for)
