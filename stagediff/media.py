@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
 
@@ -59,6 +61,24 @@ def mp4_bytes(frame_chunks: Iterable[np.ndarray], fps: int, metadata: Mapping) -
             return file.read()
     finally:
         os.remove(path)
+
+
+def read_mp4_metadata(data: bytes) -> dict:
+    """The generation metadata stored by `mp4_bytes` (read back with the bundled ffmpeg)."""
+    import imageio_ffmpeg
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as file:
+        file.write(data)
+        file.flush()
+        listing = subprocess.run(
+            [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", file.name, "-f", "ffmetadata", "-"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    # ffmetadata escapes '=', ';', '#', '\\' and newlines with a backslash.
+    for line in re.split(r"(?<!\\)\n", listing):
+        if line.startswith("comment="):
+            return json.loads(re.sub(r"\\(.)", r"\1", line[len("comment=") :], flags=re.S))
+    raise ValueError("no stagediff metadata in this MP4")
 
 
 def media_bytes(extension: str, frame_chunks: Iterable[np.ndarray], fps: int | None, metadata: Mapping) -> bytes:

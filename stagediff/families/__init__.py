@@ -7,8 +7,9 @@ from stagediff.families.base import FamilyAdapter, Settings
 from stagediff.families.flux1 import Flux1
 from stagediff.families.flux2 import Flux2, Flux2Klein
 from stagediff.families.sdxl import SDXL
+from stagediff.families.wan import Wan
 
-FAMILIES: dict[str, FamilyAdapter] = {adapter.name: adapter for adapter in (SDXL(), Flux1(), Flux2(), Flux2Klein())}
+FAMILIES: dict[str, FamilyAdapter] = {adapter.name: adapter for adapter in (SDXL(), Flux1(), Flux2(), Flux2Klein(), Wan())}
 
 
 def family_for_pipeline(class_name: str, where: str) -> FamilyAdapter:

@@ -144,5 +144,5 @@ def step_reporter(on_step: StepCallback | None, total: int):
 def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
     """Map decoded images in [-1, 1], `[B, C, H, W]`, to uint8 `[B, H, W, C]` as diffusers' postprocess does."""
     images = (images / 2 + 0.5).clamp(0, 1)
-    array = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    array = images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
     return (array * 255).round().astype(np.uint8)

@@ -15,6 +15,7 @@ BUILDERS = {
     "flux2": "stagediff.tiny.flux2",
     "flux2-klein": "stagediff.tiny.flux2:build_klein",
     "flux2-klein-base": "stagediff.tiny.flux2:build_klein_base",
+    "wan": "stagediff.tiny.wan",
 }
 
 
