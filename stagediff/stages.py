@@ -16,6 +16,7 @@ from stagediff.errors import CorruptArtifact, StagediffError
 from stagediff.media import is_valid_media, media_bytes
 from stagediff.plan import Item, Plan
 from stagediff.progress import Progress
+from tpu_ops import compile_cache
 
 ENCODE, DENOISE, DECODE = "encode", "denoise", "decode"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -31,6 +32,8 @@ class StageResult:
     load_seconds: float = 0.0
     compile_seconds: float = 0.0
     compiles: int = 0
+    compile_cache_hits: int = 0
+    """Compilations answered by the persistent compile cache (torchax backend)."""
     item_seconds: list[float] = field(default_factory=list)
 
 
@@ -134,6 +137,7 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
     with _stage_locks[DENOISE]:
         loaded, result.load_seconds = _stage_pipeline(plan, DENOISE, backend)
         compiles_before = len(loaded.compile_seconds)
+        hits_before = compile_cache.stats.hits
         progress.stage_started(DENOISE, len(pending))
         batch_size = plan.request.batch_size
         for first in range(0, len(pending), batch_size):
@@ -160,6 +164,7 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
         progress.stage_finished(DENOISE)
         result.compile_seconds = sum(loaded.compile_seconds[compiles_before:])
         result.compiles = len(loaded.compile_seconds) - compiles_before
+        result.compile_cache_hits = compile_cache.stats.hits - hits_before
     result.computed = len(pending)
     return result
 

@@ -44,7 +44,11 @@ def _run_stage(stage, request: dict) -> list[str]:
     result = stage(plan, progress=ProgressGroup(ArtifactProgress(), *terminal))
     if result.computed:
         per_item = sum(result.item_seconds) / len(result.item_seconds)
-        compiled = f", compile {result.compile_seconds:.2f}s ({result.compiles} shapes)" if result.compiles else ""
+        compiled = (
+            f", compile {result.compile_seconds:.2f}s ({result.compiles} shapes, {result.compile_cache_hits} from cache)"
+            if result.compiles
+            else ""
+        )
         logger.info(
             "%s: %d new of %d; model load %.2fs%s, %.3fs per item",
             result.stage, result.computed, len(result.uris), result.load_seconds, compiled, per_item,

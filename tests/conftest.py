@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if "STAGEDIFF_COMPILE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["STAGEDIFF_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="stagediff-jax-cache-")
 
 from pathlib import Path  # noqa: E402
 

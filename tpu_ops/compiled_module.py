@@ -33,6 +33,9 @@ class CompiledModule:
     def __init__(self, module: torch.nn.Module, on_compile: Callable[[float], None] | None = None):
         import torchax
 
+        from tpu_ops.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
         self.env = torchax.default_env()
         self.module = module.eval()
         with self.env:
