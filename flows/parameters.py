@@ -45,6 +45,7 @@ def generation_flow(name: str, body: Callable[[dict], Any], description: str, **
         store: str = DEFAULT_STORE,
         backend: Literal["auto", "torch", "torchax"] = "auto",
         batch_size: int = 1,
+        mesh: str | None = None,
         run_name: str | None = None,
         manifest: str | None = None,
         dispatch: Dispatch = "auto",

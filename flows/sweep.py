@@ -42,6 +42,7 @@ def sweep(
     store: str = DEFAULT_STORE,
     backend: Literal["auto", "torch", "torchax"] = "auto",
     batch_size: int = 1,
+    mesh: str | None = None,
     run_name: str | None = None,
 ) -> str:
     """Generate `prompts` (plus the lines of `prompt_file`) with seeds seed_start .. seed_start+seed_count-1."""

@@ -34,13 +34,24 @@ def torch_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def place_pipeline(pipe, backend: str, compiled_component: str | None, on_compile=None):
-    """Move a stage's pipeline onto its backend; with torchax, compile `compiled_component`."""
+def place_pipeline(pipe, backend: str, compiled_component: str | None, on_compile=None, mesh: str | None = None,
+                   family: str | None = None):
+    """Move a stage's pipeline onto its backend; with torchax, compile `compiled_component`, its
+    weights sharded over `mesh` by the family's rule table when a mesh is given."""
     if backend == "torch":
+        if mesh:
+            raise StagediffError(f"--mesh {mesh} needs --backend torchax")
         return pipe.to(torch_device())
     from tpu_ops.compiled_module import CompiledModule
+    from tpu_ops.mesh import MeshError, make_mesh
+    from tpu_ops.sharding import RULES
 
-    compiled = CompiledModule(getattr(pipe, compiled_component), on_compile=on_compile)
+    try:
+        device_mesh = make_mesh(mesh) if mesh else None
+    except MeshError as error:
+        raise StagediffError(str(error)) from None
+    module = getattr(pipe, compiled_component)
+    compiled = CompiledModule(module, on_compile=on_compile, mesh=device_mesh, rules=RULES.get(family, []))
     # register_modules would insist on a torch Module; the pipeline only calls it and reads attributes.
     object.__setattr__(pipe, compiled_component, compiled)
     return pipe

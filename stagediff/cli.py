@@ -53,6 +53,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=DEFAULT_STORE, help="local folder or gs://bucket/prefix")
     parser.add_argument("--backend", default="auto", help="auto, torch or torchax (auto: torchax on TPU)")
     parser.add_argument("--batch-size", type=int, default=1, help="items denoised per compiled call")
+    parser.add_argument("--mesh", help="torchax device mesh, e.g. tp=8 or dp=2,tp=4 (axes dp, fsdp, tp)")
     parser.add_argument("--manifest", help="also write the run manifest here")
     parser.add_argument("--run-name", help="name of the run folder under runs/ in the store")
 
@@ -73,6 +74,7 @@ def request_from(args) -> Request:
         store=args.store,
         backend=args.backend,
         batch_size=args.batch_size,
+        mesh=args.mesh,
         extras={"flow_shift": args.flow_shift, "true_cfg": args.true_cfg},
     )
 
@@ -127,7 +129,7 @@ def generate_parameters(args) -> dict:
     """The `generate` flow's parameters from the command line (same names, snake_case)."""
     names = (
         "model", "prompts", "seeds", "negative_prompt", "steps", "guidance", "height", "width", "frames", "fps",
-        "flow_shift", "true_cfg", "dtype", "store", "backend", "batch_size", "run_name", "manifest",
+        "flow_shift", "true_cfg", "dtype", "store", "backend", "batch_size", "mesh", "run_name", "manifest",
     )
     return {name: getattr(args, name) for name in names}
 

@@ -28,6 +28,8 @@ class Request:
     store: str = DEFAULT_STORE
     backend: str = "auto"
     batch_size: int = 1
+    mesh: str | None = None
+    """Device mesh for the torchax backend, e.g. `dp=2,tp=4` (default: the JAX default device)."""
     extras: dict = field(default_factory=dict)
     """Family-specific options (for example `flow_shift` for Wan)."""
 
@@ -58,6 +60,13 @@ class Request:
         _check_positive("batch-size", self.batch_size)
         if self.guidance is not None and not self.guidance >= 0:
             raise StagediffError(f"--guidance {self.guidance!r} must be a non-negative number")
+        if self.mesh is not None:
+            from tpu_ops.mesh import MeshError, parse_mesh_spec
+
+            try:
+                parse_mesh_spec(self.mesh)
+            except MeshError as error:
+                raise StagediffError(str(error)) from None
         if self.dtype not in DTYPES:
             raise StagediffError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 

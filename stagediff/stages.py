@@ -56,7 +56,7 @@ def _components_of(plan: Plan, stage: str) -> tuple[str, ...]:
 
 def _stage_pipeline(plan: Plan, stage: str, backend: str) -> tuple[_Loaded, float]:
     """The stage's pipeline (only its components loaded), kept for the next call with the same key."""
-    key = (str(plan.model.folder), plan.settings.dtype, backend)
+    key = (str(plan.model.folder), plan.settings.dtype, backend, plan.request.mesh)
     loaded = _loaded.get(stage)
     if loaded is not None and loaded.key == key:
         return loaded, 0.0
@@ -73,7 +73,10 @@ def _stage_pipeline(plan: Plan, stage: str, backend: str) -> tuple[_Loaded, floa
     pipe.set_progress_bar_config(disable=True)
     compile_seconds: list[float] = []
     if stage == DENOISE:
-        pipe = place_pipeline(pipe, backend, plan.family.denoiser_component, on_compile=compile_seconds.append)
+        pipe = place_pipeline(
+            pipe, backend, plan.family.denoiser_component, on_compile=compile_seconds.append,
+            mesh=plan.request.mesh, family=plan.family.name,
+        )
     elif stage == DECODE:
         pipe = place_pipeline(pipe, "torch", None)
     loaded = _Loaded(key, pipe, compile_seconds)

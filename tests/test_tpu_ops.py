@@ -1,0 +1,120 @@
+"""tpu_ops on 8 virtual CPU devices: meshes, sharding rules, sharded denoise, compile cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+import torch
+
+from helpers import run_all_stages, stored_item
+from reference import relative_error
+from stagediff.errors import StagediffError
+from stagediff.request import Request
+from tpu_ops.compiled_module import CompiledModule
+from tpu_ops.mesh import MeshError, make_mesh, parse_mesh_spec
+from tpu_ops.sharding import ShardingRuleError, partition_specs
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices: XLA_FLAGS")
+
+FAMILY_SIZES = {
+    "sdxl": dict(height=64, width=64),
+    "flux2": dict(height=32, width=32),
+    "wan": dict(height=32, width=32, frames=5),
+}
+
+
+@pytest.mark.parametrize("family", FAMILY_SIZES)
+@pytest.mark.parametrize("mesh", ["tp=8", "dp=2,tp=4", "fsdp=8"])
+def test_sharded_denoise_equals_single_device(tiny_models, tmp_path, family, mesh):
+    model = tiny_models(family)
+    base = dict(model=str(model), prompts=["a red cat"], seeds=[0, 1], steps=2, backend="torchax", batch_size=2,
+                **FAMILY_SIZES[family])
+    single = Request(**base, store=str(tmp_path / "single"))
+    sharded = Request(**base, store=str(tmp_path / "sharded"), mesh=mesh)
+    run_all_stages(single)
+    run_all_stages(sharded)
+    for seed in (0, 1):
+        expected, _ = stored_item(single, "a red cat", seed)
+        actual, _ = stored_item(sharded, "a red cat", seed)
+        assert relative_error(actual, expected) < 1e-4
+
+
+def test_each_device_holds_only_its_shard():
+    linear = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    inputs = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = linear(inputs)
+    rules = [(r"0\.weight", ("tp", None)), (r"0\.bias", ("tp",)), (r"2\.weight", (None, "tp"))]
+    compiled = CompiledModule(linear, mesh=make_mesh("dp=2,tp=4"), rules=rules)
+    from torchax.interop import jax_view
+
+    column = jax_view(compiled.jittable.params["0.weight"])
+    assert column.sharding.spec == jax.sharding.PartitionSpec("tp", None)
+    assert {shard.data.shape for shard in column.addressable_shards} == {(16, 16)}
+    row = jax_view(compiled.jittable.params["2.weight"])
+    assert {shard.data.nbytes for shard in row.addressable_shards} == {16 * 16 * 4}
+    assert torch.allclose(compiled(inputs), expected, atol=1e-5)
+
+
+def test_rule_matching_no_parameter_is_an_error():
+    with pytest.raises(ShardingRuleError, match="match no parameter"):
+        partition_specs({"a.weight": (8, 8)}, [(r"a\.weight", ("tp", None)), (r"b\.weight", ("tp", None))], {"tp": 2})
+
+
+def test_parameter_matched_by_two_rules_is_an_error():
+    with pytest.raises(ShardingRuleError, match="matches several rules"):
+        partition_specs({"a.weight": (8, 8)}, [(r"a\..*", ("tp", None)), (r".*weight", (None, "tp"))], {"tp": 2})
+
+
+def test_indivisible_dimensions_stay_replicated_and_fsdp_shards_the_rest():
+    specs = partition_specs({"w": (6, 8), "norm": (8,)}, [(r"w", ("tp", None))], {"tp": 4, "fsdp": 2})
+    assert specs == {"w": ("fsdp", None), "norm": ("fsdp",)}
+
+
+@pytest.mark.parametrize("spec", ["tp=3", "dp=2,tp=2", "xx=8", "tp=8,tp=1", ""])
+def test_bad_mesh_specs_fail_clearly(spec):
+    with pytest.raises(MeshError, match="--mesh"):
+        make_mesh(spec) if spec else parse_mesh_spec(spec)
+
+
+def test_mesh_needs_the_torchax_backend(tiny_sdxl, tmp_path):
+    request = Request(model=str(tiny_sdxl), prompts=["a cat"], seeds=[0], steps=2, store=str(tmp_path), mesh="tp=8",
+                      backend="torch")
+    with pytest.raises(StagediffError, match="needs --backend torchax"):
+        run_all_stages(request)
+
+
+def test_a_second_process_compiles_from_the_persistent_cache(tiny_sdxl, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import json
+        from stagediff import stages
+        from stagediff.plan import make_plan
+        from stagediff.request import Request
+        from tpu_ops import compile_cache
+        import sys
+        request = Request(model={str(tiny_sdxl)!r}, prompts=["a cat"], seeds=[int(sys.argv[1])], steps=2,
+                          store={str(tmp_path / "store")!r}, backend="torchax")
+        plan = make_plan(request)
+        stages.encode(plan)
+        result = stages.denoise(plan)
+        print(json.dumps({{"compiles": result.compiles, "hits": result.compile_cache_hits,
+                           "misses": compile_cache.stats.misses, "seconds": result.compile_seconds}}))
+        """
+    )
+    env = {**os.environ, "STAGEDIFF_COMPILE_CACHE": str(tmp_path / "cache"), "XLA_FLAGS": ""}
+    runs = [
+        json.loads(subprocess.run([sys.executable, "-c", script, str(seed)], env=env, capture_output=True, text=True,
+                                  check=True).stdout.strip().splitlines()[-1])
+        for seed in (0, 1)
+    ]
+    assert runs[0]["compiles"] == runs[1]["compiles"] == 1
+    assert runs[0]["hits"] == 0 and runs[0]["misses"] > 0
+    assert runs[1]["hits"] > 0
+    assert any((tmp_path / "cache").iterdir())
