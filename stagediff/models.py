@@ -54,6 +54,10 @@ def open_model(reference: str) -> Model:
 
 def resolve_model_folder(reference: str) -> Path:
     """A local folder for `reference`: itself when it is a folder, else a Hugging Face hub snapshot."""
+    if reference.startswith("gs://"):
+        from stagediff.gcs import mirror_folder
+
+        return mirror_folder(reference).folder
     path = Path(reference).expanduser()
     if path.is_dir():
         return path.resolve()

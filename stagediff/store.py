@@ -10,16 +10,18 @@ Layout (relative to the store root):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import struct
+import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import fsspec
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import load_file, save_file
 
 from stagediff import __version__
 from stagediff.errors import CorruptArtifact, StagediffError
@@ -42,7 +44,7 @@ def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 
@@ -51,8 +53,14 @@ class Store:
 
     def __init__(self, uri: str):
         self.uri = uri
-        self.fs, self.root = fsspec.core.url_to_fs(uri)
+        if uri.startswith("gs://"):
+            from stagediff import gcs
+
+            self.fs, self.root = gcs.filesystem(), uri.removeprefix("gs://")
+        else:
+            self.fs, self.root = fsspec.core.url_to_fs(uri)
         self.root = self.root.rstrip("/")
+        self.is_local = "file" in self.fs.protocol or "local" in self.fs.protocol
 
     # -- paths ---------------------------------------------------------------------------------
     def path(self, relative: str) -> str:
@@ -68,12 +76,23 @@ class Store:
     def check_writable(self) -> None:
         """Fail with a one-line error now, before any work, if the store cannot be written."""
         probe = self.path(f".write-probe-{uuid.uuid4().hex}")
+        if not self.is_local:
+            self._check_bucket()
         try:
             self.fs.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(probe, b"")
             self.fs.rm_file(probe)
         except Exception as error:
             raise StagediffError(f"store {self.uri} is not writable: {_one_line(error)}") from None
+
+    def _check_bucket(self) -> None:
+        bucket = self.root.split("/", 1)[0]
+        try:
+            found = self.fs.exists(bucket)
+        except Exception as error:
+            raise StagediffError(f"store {self.uri}: cannot reach bucket {bucket!r}: {_one_line(error)}") from None
+        if not found:
+            raise StagediffError(f"store {self.uri}: bucket {bucket!r} does not exist or is not visible to these credentials")
 
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
@@ -93,15 +112,19 @@ class Store:
             CHECKSUM_METADATA: tensor_checksum(tensors),
             VERSION_METADATA: __version__,
         }
-        self.write_bytes(relative, save_safetensors(tensors, metadata=metadata))
+        # Serialised straight to a file, never as one more in-memory copy of the tensors.
+        with self._staged_file(relative) as staged:
+            save_file(tensors, staged, metadata=metadata)
         return self.uri_of(relative)
 
     def read_tensors(self, relative: str, key: str) -> dict[str, torch.Tensor]:
         """Read and verify tensors; raise CorruptArtifact if they do not parse or match key/checksum."""
-        data = self.fs.cat_file(self.path(relative))
         try:
-            metadata = read_safetensors_metadata(data)
-            tensors = load_safetensors(data)
+            with self._local_copy(relative) as local:
+                metadata = read_safetensors_header(local)
+                tensors = load_file(local)
+        except FileNotFoundError:
+            raise
         except Exception as error:
             raise CorruptArtifact(f"corrupt artifact {self.uri_of(relative)}: {_one_line(error)}") from None
         if metadata.get(KEY_METADATA) != key:
@@ -112,7 +135,8 @@ class Store:
 
     def read_metadata(self, relative: str) -> dict[str, str]:
         """The safetensors metadata of a stored artifact (key, inputs, checksum, version)."""
-        return read_safetensors_metadata(self.fs.cat_file(self.path(relative)))
+        with self._local_copy(relative) as local:
+            return read_safetensors_header(local)
 
     def has_valid_tensors(self, relative: str, key: str) -> bool:
         """True when the artifact exists and verifies; a corrupt one is reported and counts as missing."""
@@ -127,19 +151,49 @@ class Store:
 
     # -- bytes ---------------------------------------------------------------------------------
     def write_bytes(self, relative: str, data: bytes) -> str:
-        """Write atomically: a temporary object first, then a rename, so readers never see half a file."""
-        final = self.path(relative)
-        parent = final.rsplit("/", 1)[0]
-        temporary = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
-        self.fs.makedirs(parent, exist_ok=True)
-        try:
-            self.fs.pipe_file(temporary, data)
-            self.fs.mv(temporary, final)
-        except BaseException:
-            if self.fs.exists(temporary):
-                self.fs.rm_file(temporary)
-            raise
+        """Write atomically (see `_staged_file`)."""
+        with self._staged_file(relative) as staged:
+            with open(staged, "wb") as file:
+                file.write(data)
         return self.uri_of(relative)
+
+    @contextlib.contextmanager
+    def _staged_file(self, relative: str) -> Iterator[str]:
+        """A local file to write; on success it becomes the artifact at once, so readers never see half
+        a file. Local stores rename it into place; object stores upload it in one request, and an
+        object exists only once its upload completes. Concurrent writers of one key each publish a
+        whole, valid artifact (same key, same content), and the last one stays."""
+        final = self.path(relative)
+        parent, name = final.rsplit("/", 1)
+        if self.is_local:
+            os.makedirs(parent, exist_ok=True)
+            staged = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+        else:
+            handle, staged = tempfile.mkstemp(suffix=f"-{name}")
+            os.close(handle)
+        try:
+            yield staged
+            if self.is_local:
+                self.fs.mv(staged, final)
+            else:
+                self.fs.put_file(staged, final)
+        finally:
+            if os.path.exists(staged):
+                os.remove(staged)
+
+    @contextlib.contextmanager
+    def _local_copy(self, relative: str) -> Iterator[str]:
+        """A local path holding the artifact: the file itself, or a streamed download."""
+        if self.is_local:
+            yield self.path(relative)
+            return
+        handle, local = tempfile.mkstemp(suffix="-" + relative.rsplit("/", 1)[-1])
+        os.close(handle)
+        try:
+            self.fs.get_file(self.path(relative), local)
+            yield local
+        finally:
+            os.remove(local)
 
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self.path(relative))
@@ -148,10 +202,11 @@ class Store:
         return self.write_bytes(relative, json.dumps(value, indent=2).encode())
 
 
-def read_safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors blob, read from its JSON header."""
-    (header_size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + header_size])
+def read_safetensors_header(path: str) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, read from its JSON header."""
+    with open(path, "rb") as file:
+        (header_size,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(header_size))
     return header.get("__metadata__", {})
 
 

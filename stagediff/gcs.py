@@ -1,0 +1,96 @@
+"""Google Cloud Storage through gcsfs: filesystem options, and mirroring `gs://` model folders.
+
+Credentials are whatever gcsfs resolves (application default credentials, a service account, the
+metadata server on GCE/TPU VMs). `STORAGE_EMULATOR_HOST` points at an emulator (anonymous access);
+`STAGEDIFF_GCS_TOKEN=anon` asks for anonymous access to public buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+# gcsfs otherwise probes each bucket's type over gRPC, which an http emulator never answers
+# (about 80 s of retries per bucket). Read when gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
+TOKEN_VARIABLE = "STAGEDIFF_GCS_TOKEN"
+MODEL_CACHE_VARIABLE = "STAGEDIFF_MODEL_CACHE"
+MIRROR_INDEX = ".stagediff-mirror.json"
+
+
+def storage_options() -> dict:
+    """gcsfs options: no listings cache (other workers write too), emulator and token from the env."""
+    options: dict = {"use_listings_cache": False}
+    emulator = os.environ.get(EMULATOR_VARIABLE)
+    if emulator:
+        options["endpoint_url"] = emulator if "://" in emulator else f"http://{emulator}"
+        options["token"] = "anon"
+    elif os.environ.get(TOKEN_VARIABLE) == "anon":
+        options["token"] = "anon"
+    return options
+
+
+def filesystem():
+    import gcsfs
+
+    return gcsfs.GCSFileSystem(**storage_options())
+
+
+def bucket_of(uri: str) -> str:
+    return uri.removeprefix("gs://").split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class Mirror:
+    folder: Path
+    downloaded: int
+    """Files fetched this time (0 when the local copy was up to date)."""
+
+
+def model_cache_root() -> Path:
+    base = os.environ.get(MODEL_CACHE_VARIABLE) or str(Path.home() / ".cache" / "stagediff" / "models")
+    return Path(base)
+
+
+def mirror_folder(uri: str) -> Mirror:
+    """Copy a `gs://` folder into the local model cache, fetching only files whose content changed
+    (compared by size and the object's md5/crc32c against the last mirror's index)."""
+    from stagediff.errors import StagediffError
+
+    fs = filesystem()
+    remote = uri.removeprefix("gs://").rstrip("/")
+    try:
+        listing = fs.find(remote, detail=True)
+    except Exception as error:
+        raise StagediffError(f"cannot list model {uri} in bucket {bucket_of(uri)!r}: {_one_line(error)}") from None
+    if not listing:
+        raise StagediffError(f"model not found: {uri} (no objects under it)")
+    folder = model_cache_root() / remote
+    folder.mkdir(parents=True, exist_ok=True)
+    index_path = folder / MIRROR_INDEX
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    downloaded = 0
+    for path, info in sorted(listing.items()):
+        relative = path[len(remote) + 1 :]
+        fingerprint = [info.get("size"), info.get("md5Hash") or info.get("crc32c")]
+        local = folder / relative
+        if index.get(relative) == fingerprint and local.exists():
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.{uuid.uuid4().hex}.partial")
+        fs.get_file(path, str(partial))
+        partial.replace(local)
+        index[relative] = fingerprint
+        downloaded += 1
+    index_path.write_text(json.dumps(index, indent=1))
+    return Mirror(folder, downloaded)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

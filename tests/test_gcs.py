@@ -1,0 +1,155 @@
+"""The gs:// store and gs:// models, against a real GCS emulator (fake-gcs-server) on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gcs_emulator import Emulator, FaultyProxy
+from helpers import run_all_stages
+from stagediff import gcs
+from stagediff.errors import StagediffError
+from stagediff.models import open_model
+from stagediff.plan import make_plan
+from stagediff.request import Request
+from stagediff.store import Store, content_key
+
+BUCKET = "stagediff-test"
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    server = Emulator()
+    previous = os.environ.get(gcs.EMULATOR_VARIABLE)
+    os.environ[gcs.EMULATOR_VARIABLE] = server.url
+    gcs.filesystem().mkdir(BUCKET)
+    yield server
+    if previous is None:
+        os.environ.pop(gcs.EMULATOR_VARIABLE)
+    else:
+        os.environ[gcs.EMULATOR_VARIABLE] = previous
+    server.stop()
+
+
+@pytest.fixture
+def store_uri(emulator, request):
+    return f"gs://{BUCKET}/{request.node.name.replace('[', '-').replace(']', '')}"
+
+
+def generations(uri: str) -> dict[str, str]:
+    fs = gcs.filesystem()
+    return {path: info["generation"] for path, info in fs.find(uri.removeprefix("gs://"), detail=True).items()}
+
+
+def test_generation_on_a_gs_store_and_a_rerun_rewrites_nothing(tiny_sdxl, store_uri):
+    request = Request(model=str(tiny_sdxl), prompts=["a red cat", "a blue dog"], seeds=[0], steps=2, store=store_uri)
+    first = run_all_stages(request)
+    assert {stage: r.computed for stage, r in first.items()} == {"encode": 2, "denoise": 2, "decode": 2}
+    before = generations(store_uri)
+    assert sum(path.endswith(".png") for path in before) == 2
+
+    again = run_all_stages(request)
+    assert {stage: r.computed for stage, r in again.items()} == {"encode": 0, "denoise": 0, "decode": 0}
+    assert generations(store_uri) == before
+    item = make_plan(request).items[0]
+    assert make_plan(request).store.uri_of(item.media_path).startswith(f"gs://{BUCKET}/")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensors_round_trip_with_metadata(store_uri, dtype):
+    store = Store(store_uri)
+    tensors = {"latents": torch.randn(1, 4, 8, 8).to(dtype)}
+    store.write_tensors("latents/x.safetensors", tensors, "k1", {"seed": 1})
+    loaded = store.read_tensors("latents/x.safetensors", "k1")
+    assert loaded["latents"].dtype == dtype and torch.equal(loaded["latents"], tensors["latents"])
+    assert json.loads(store.read_metadata("latents/x.safetensors")["stagediff.inputs"]) == {"seed": 1}
+
+
+def test_corrupt_object_is_detected_and_recomputed(tiny_sdxl, store_uri):
+    request = Request(model=str(tiny_sdxl), prompts=["a red cat"], seeds=[0], steps=2, store=store_uri)
+    run_all_stages(request)
+    item = make_plan(request).items[0]
+    store = make_plan(request).store
+    store.fs.pipe_file(store.path(item.latents_path), store.read_bytes(item.latents_path)[:200])
+    assert not store.has_valid_tensors(item.latents_path, item.latents_key)
+    results = run_all_stages(request)
+    assert results["denoise"].computed == 1
+    store.read_tensors(item.latents_path, item.latents_key)
+
+
+def test_concurrent_writers_of_one_key_leave_one_valid_artifact(store_uri):
+    store = Store(store_uri)
+    tensors = {"latents": torch.arange(256 * 1024, dtype=torch.float32)}
+    key = content_key({"same": "inputs"})
+    errors = []
+
+    def write():
+        try:
+            Store(store_uri).write_tensors("latents/shared.safetensors", tensors, key, {"same": "inputs"})
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert torch.equal(store.read_tensors("latents/shared.safetensors", key)["latents"], tensors["latents"])
+    assert list(generations(store_uri)) == [f"{store_uri.removeprefix('gs://')}/latents/shared.safetensors"]
+
+
+def test_missing_bucket_fails_fast_naming_it(emulator):
+    start = time.monotonic()
+    with pytest.raises(StagediffError, match="bucket 'no-such-bucket' does not exist") as error:
+        Store("gs://no-such-bucket/runs").check_writable()
+    assert time.monotonic() - start < 10
+    assert "\n" not in str(error.value)
+
+
+def test_generation_completes_through_503s_and_a_dropped_connection(tiny_sdxl, emulator, monkeypatch):
+    proxy = FaultyProxy(emulator.port, failures=3)
+    monkeypatch.setenv(gcs.EMULATOR_VARIABLE, proxy.url)
+    try:
+        request = Request(model=str(tiny_sdxl), prompts=["a red cat"], seeds=[0], steps=2, store=f"gs://{BUCKET}/faulty")
+        results = run_all_stages(request)
+    finally:
+        proxy.stop()
+    assert results["decode"].computed == 1
+    assert proxy.remaining_503 == 0 and not proxy.drop_next
+
+
+def test_gs_model_is_mirrored_once_and_loads(tiny_sdxl, emulator, tmp_path, monkeypatch):
+    monkeypatch.setenv(gcs.MODEL_CACHE_VARIABLE, str(tmp_path / "cache"))
+    fs = gcs.filesystem()
+    fs.put(str(tiny_sdxl), f"{BUCKET}/models/tiny-sdxl", recursive=True)
+    uri = f"gs://{BUCKET}/models/tiny-sdxl"
+
+    first = gcs.mirror_folder(uri)
+    assert first.downloaded > 5 and (first.folder / "model_index.json").exists()
+    assert gcs.mirror_folder(uri).downloaded == 0
+    model = open_model(uri)
+    assert model.family.name == "sdxl" and model.folder == first.folder
+    results = run_all_stages(Request(model=uri, prompts=["a cat"], seeds=[0], steps=2, store=str(tmp_path / "store")))
+    assert results["decode"].computed == 1
+
+
+def test_cli_generate_with_a_gs_store(tiny_sdxl, emulator, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    uri = f"gs://{BUCKET}/cli"
+    process = subprocess.run(
+        [sys.executable, "-m", "stagediff.cli", "generate", "--model", str(tiny_sdxl), "--prompt", "a cat",
+         "--seed", "0", "--seed", "1", "--steps", "2", "--store", uri, "--run-name", "cli"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    manifest = json.loads(gcs.filesystem().cat_file(f"{BUCKET}/cli/runs/cli/manifest.json"))
+    assert [item["media"].startswith(f"{uri}/media/") for item in manifest["items"]] == [True, True]
