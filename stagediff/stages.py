@@ -94,9 +94,10 @@ def loaded_components(stage: str) -> tuple[str, ...]:
 
 def release(stage: str | None = None) -> None:
     """Drop the cached pipeline of one stage (or all), so its memory is freed."""
-    for name in [stage] if stage else list(_loaded):
-        _loaded.pop(name, None)
-    gc.collect()
+    dropped = [_loaded.pop(name) for name in ([stage] if stage else list(_loaded)) if name in _loaded]
+    if dropped:
+        del dropped
+        gc.collect()  # pipelines hold reference cycles; free their weights now, not at some later GC
 
 
 # -- stages -------------------------------------------------------------------------------------

@@ -8,34 +8,48 @@ import torch
 
 from stagediff.tiny.tokenizers import CLIP_SPECIAL_TOKENS, clip_vocab, save_clip_tokenizer
 
-TEXT_HIDDEN = 32
-TEXT_PROJECTION = 32
 TIME_EMBED_DIM = 8
 
+SCALES = {
+    "tiny": {
+        "text_hidden": 32, "text_layers": 5, "text_heads": 4, "text_intermediate": 37,
+        "unet_channels": (32, 64), "unet_heads": (2, 4), "unet_transformer_layers": (1, 2), "unet_groups": 1,
+        "sample_size": 16,
+    },
+    # ~90M parameters: enough that the UNet's compute dominates, as in the real model (benchmarks).
+    "small": {
+        "text_hidden": 256, "text_layers": 6, "text_heads": 4, "text_intermediate": 1024,
+        "unet_channels": (128, 320), "unet_heads": (4, 8), "unet_transformer_layers": (1, 2), "unet_groups": 32,
+        "sample_size": 64,
+    },
+}
+"""Model sizes by name: `tiny` for tests and the demo, `small` for benchmarks."""
 
-def build(folder: Path, seed: int = 0) -> Path:
-    """Write a tiny SDXL checkpoint (diffusers layout, model_index.json) to `folder`."""
+
+def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
+    """Write a random-init SDXL checkpoint of the given scale (diffusers layout) to `folder`."""
+    dims = SCALES[scale]
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab = clip_vocab()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
+        block_out_channels=dims["unet_channels"],
         layers_per_block=2,
-        sample_size=16,
+        sample_size=dims["sample_size"],
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
+        attention_head_dim=dims["unet_heads"],
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_DIM,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_PROJECTION,
-        cross_attention_dim=2 * TEXT_HIDDEN,
-        norm_num_groups=1,
+        transformer_layers_per_block=dims["unet_transformer_layers"],
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + dims["text_hidden"],
+        cross_attention_dim=2 * dims["text_hidden"],
+        norm_num_groups=dims["unet_groups"],
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
@@ -63,14 +77,14 @@ def build(folder: Path, seed: int = 0) -> Path:
         bos_token_id=vocab[CLIP_SPECIAL_TOKENS[0]],
         eos_token_id=vocab[CLIP_SPECIAL_TOKENS[1]],
         pad_token_id=vocab[CLIP_SPECIAL_TOKENS[1]],
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=37,
+        hidden_size=dims["text_hidden"],
+        intermediate_size=dims["text_intermediate"],
         layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=5,
+        num_attention_heads=dims["text_heads"],
+        num_hidden_layers=dims["text_layers"],
         vocab_size=len(vocab),
         hidden_act="gelu",
-        projection_dim=TEXT_PROJECTION,
+        projection_dim=dims["text_hidden"],
     )
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(text_config)

@@ -1,0 +1,148 @@
+"""Benchmark workloads, each run in its own process so timings and peak memory are its own.
+
+    python benchmarks/workloads.py WORKLOAD '{"json": "arguments"}'
+
+prints one JSON line with the measurements (and `max_rss_mb`, the process's peak resident memory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _request(args: dict, **overrides):
+    from stagediff.request import Request
+
+    options = {
+        "model": args["model"], "prompts": args["prompts"], "seeds": args["seeds"], "steps": args["steps"],
+        "height": args["size"], "width": args["size"], "store": args["store"], "batch_size": args.get("batch_size", 1),
+        "backend": args.get("backend", "torch"),
+    }
+    if args.get("frames"):
+        options["frames"] = args["frames"]
+    return Request(**{**options, **overrides})
+
+
+def import_pipeline_class(model: str):
+    """Import the model's pipeline class (seconds of library imports) before any clock starts, in
+    every workload alike, so that timings compare the work and not Python's imports."""
+    import diffusers
+
+    class_name = json.loads((Path(model) / "model_index.json").read_text())["_class_name"]
+    return getattr(diffusers, class_name)
+
+
+def plain_loop(args: dict) -> dict:
+    """Load the diffusers pipeline once, call it per (prompt, seed), save each output as stagediff would."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from stagediff.media import media_bytes
+
+    import_pipeline_class(args["model"])
+    start = time.perf_counter()
+    pipe = DiffusionPipeline.from_pretrained(args["model"])
+    pipe.set_progress_bar_config(disable=True)
+    load = time.perf_counter() - start
+    out = Path(args["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    extra = {"num_frames": args["frames"]} if args.get("frames") else {}
+    for p_index, prompt in enumerate(args["prompts"]):
+        for seed in args["seeds"]:
+            result = pipe(prompt, num_inference_steps=args["steps"], height=args["size"], width=args["size"],
+                          generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **extra)
+            pixels = getattr(result, "images", None)
+            pixels = result.frames[0] if pixels is None else pixels
+            frames = (np.asarray(pixels) * 255).round().astype(np.uint8)
+            extension = "mp4" if args.get("frames") else "png"
+            (out / f"{p_index}-{seed}.{extension}").write_bytes(media_bytes(extension, [frames], 16, {"seed": seed}))
+    return {"seconds": time.perf_counter() - start, "load_seconds": load}
+
+
+def staged(args: dict) -> dict:
+    """stagediff's three stages through the library, in one process (models stay loaded per stage)."""
+    from stagediff import stages
+    from stagediff.plan import make_plan
+
+    import_pipeline_class(args["model"])
+    start = time.perf_counter()
+    plan = make_plan(_request(args))
+    results = {}
+    for stage in (stages.encode, stages.denoise, stages.decode):
+        stage_start = time.perf_counter()
+        result = stage(plan)
+        stages.release(result.stage)
+        results[result.stage] = {
+            "seconds": time.perf_counter() - stage_start, "load_seconds": result.load_seconds,
+            "compute_seconds": sum(result.item_seconds), "computed": result.computed,
+        }
+    return {"seconds": time.perf_counter() - start, "stages": results,
+            "media": [plan.store.uri_of(item.media_path) for item in plan.items]}
+
+
+def stage(args: dict) -> dict:
+    """One stage alone (as `stagediff encode|denoise|decode` runs it): its time and peak memory."""
+    from stagediff import stages
+    from stagediff.plan import make_plan
+
+    start = time.perf_counter()
+    result = getattr(stages, args["stage"])(make_plan(_request(args)))
+    return {"seconds": time.perf_counter() - start, "computed": result.computed}
+
+
+def full_pipeline(args: dict) -> dict:
+    """The whole diffusers pipeline in one process, one item: the memory baseline."""
+    return plain_loop({**args, "prompts": args["prompts"][:1], "seeds": args["seeds"][:1]})
+
+
+def compile_times(args: dict) -> dict:
+    """torchax denoise: first call (compile, or load from the persistent cache) and a warm second call."""
+    from stagediff import stages
+    from stagediff.plan import make_plan
+    from tpu_ops import compile_cache
+
+    plan = make_plan(_request(args, backend="torchax", seeds=[args["seeds"][0]]))
+    stages.encode(plan)
+    first = stages.denoise(plan)
+    warm_plan = make_plan(_request(args, backend="torchax", seeds=[args["seeds"][0] + 1000]))
+    second = stages.denoise(warm_plan)
+    return {"first_compile_seconds": first.compile_seconds, "first_item_seconds": first.item_seconds[0],
+            "warm_item_seconds": second.item_seconds[0], "warm_compiles": second.compiles,
+            "cache_hits": compile_cache.stats.hits}
+
+
+def flow_in_process(args: dict) -> dict:
+    """The `generate` flow in-process on an ephemeral Prefect API (server start timed apart)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.generate import generate
+
+    start = time.perf_counter()
+    with prefect_test_harness():
+        ready = time.perf_counter()
+        generate(model=args["model"], prompts=args["prompts"], seeds=args["seeds"], steps=args["steps"],
+                 height=args["size"], width=args["size"], store=args["store"], dispatch="in-process")
+        done = time.perf_counter()
+    return {"server_start_seconds": ready - start, "seconds": done - ready}
+
+
+WORKLOADS = {f.__name__: f for f in (plain_loop, staged, stage, full_pipeline, compile_times, flow_in_process)}
+
+if __name__ == "__main__":
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    measured = WORKLOADS[sys.argv[1]](json.loads(sys.argv[2]))
+    measured["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(measured))
