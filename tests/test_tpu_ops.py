@@ -118,3 +118,42 @@ def test_a_second_process_compiles_from_the_persistent_cache(tiny_sdxl, tmp_path
     assert runs[0]["hits"] == 0 and runs[0]["misses"] > 0
     assert runs[1]["hits"] > 0
     assert any((tmp_path / "cache").iterdir())
+
+
+ATTENTION_SHAPES = [(1, 2, 64, 32, 64), (2, 1, 100, 16, 77), (1, 2, 130, 32, 130)]
+"""(batch, heads, query length, head dim, key length): block multiples and not."""
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+@pytest.mark.parametrize("exp2, k_smoothing", [(True, True), (True, False), (False, True), (False, False)])
+def test_flash_attention_equals_reference_attention(shape, exp2, k_smoothing):
+    from tpu_ops.attention import AttentionBlocks, flash_attention, reference_attention
+
+    batch, heads, q_len, dim, kv_len = shape
+    keys = jax.random.split(jax.random.PRNGKey(sum(shape)), 3)
+    q = jax.random.normal(keys[0], (batch, heads, q_len, dim))
+    k = jax.random.normal(keys[1], (batch, heads, kv_len, dim))
+    v = jax.random.normal(keys[2], (batch, heads, kv_len, dim))
+    out = flash_attention(q, k, v, blocks=AttentionBlocks(32, 48), exp2=exp2, k_smoothing=k_smoothing, interpret=True)
+    assert out.shape == q.shape
+    assert float(abs(out - reference_attention(q, k, v)).max()) < 1e-5
+
+
+def test_k_smoothing_lowers_bf16_error():
+    import jax.numpy as jnp
+
+    from tpu_ops.attention import AttentionBlocks, flash_attention, reference_attention
+
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(keys[0], (1, 2, 96, 32))
+    k = jax.random.normal(keys[1], (1, 2, 96, 32)) + 30.0  # real keys share a large offset
+    v = jax.random.normal(keys[2], (1, 2, 96, 32))
+    expected = reference_attention(q, k, v)
+
+    def bf16_error(k_smoothing):
+        out = flash_attention(q.astype(jnp.bfloat16), k, v, blocks=AttentionBlocks(64, 64), k_smoothing=k_smoothing,
+                              interpret=True)
+        return float(abs(out.astype(jnp.float32) - expected).max())
+
+    plain, smoothed = bf16_error(False), bf16_error(True)
+    assert smoothed < plain / 2, (smoothed, plain)
