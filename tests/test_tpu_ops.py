@@ -157,3 +157,38 @@ def test_k_smoothing_lowers_bf16_error():
 
     plain, smoothed = bf16_error(False), bf16_error(True)
     assert smoothed < plain / 2, (smoothed, plain)
+
+
+def test_torchax_models_run_the_flash_kernel_and_equal_torch(tiny_models, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import json, os
+        os.environ["STAGEDIFF_ATTENTION"] = "flash-interpret"
+        import tpu_ops.attention as attention
+        calls = []
+        kernel = attention.flash_attention
+        attention.flash_attention = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+        from stagediff import stages
+        from stagediff.plan import make_plan
+        from stagediff.request import Request
+        errors = {{}}
+        for family, model, extra in (("sdxl", {str(tiny_models("sdxl"))!r}, {{}}),
+                                     ("wan", {str(tiny_models("wan"))!r}, {{"frames": 5}})):
+            latents = {{}}
+            for backend in ("torch", "torchax"):
+                store = {str(tmp_path)!r} + "/" + family + "-" + backend
+                plan = make_plan(Request(model=model, prompts=["a cat"], seeds=[0], steps=2, height=32, width=32,
+                                         store=store, backend=backend, **extra))
+                stages.encode(plan)
+                stages.denoise(plan)
+                item = plan.items[0]
+                latents[backend] = plan.store.read_tensors(item.latents_path, item.latents_key)["latents"]
+            errors[family] = float((latents["torch"] - latents["torchax"]).abs().max() / latents["torch"].abs().max())
+        print(json.dumps({{"errors": errors, "kernel_calls": len(calls)}}))
+        """
+    )
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
+    assert process.returncode == 0, process.stderr[-2000:]
+    result = json.loads(process.stdout.strip().splitlines()[-1])
+    assert result["kernel_calls"] > 0
+    assert all(error < 1e-3 for error in result["errors"].values()), result

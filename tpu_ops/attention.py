@@ -112,3 +112,38 @@ def _flash_kernel(q_ref, k_ref, v_ref, o_ref, *, block_kv: int, kv_len: int, exp
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+ATTENTION_VARIABLE = "STAGEDIFF_ATTENTION"
+"""`flash` (default on TPU), `xla` (plain attention, default elsewhere) or `flash-interpret` (the
+Pallas kernel interpreted, for tests on CPU)."""
+
+
+def attention_mode() -> str:
+    import os
+
+    default = "flash" if jax.default_backend() == "tpu" else "xla"
+    return os.environ.get(ATTENTION_VARIABLE, default)
+
+
+def install_flash_attention(env, blocks: AttentionBlocks = AttentionBlocks(), interpret: bool = False) -> None:
+    """Make every `torch.nn.functional.scaled_dot_product_attention` that a torchax-compiled model
+    calls run the flash kernel; calls it does not cover (masks, causal, dropout, custom scale) keep
+    plain attention."""
+    import torch
+    from torchax.interop import call_jax
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        plain = attn_mask is not None or dropout_p or is_causal or enable_gqa
+        if plain or (scale is not None and not math.isclose(scale, 1 / math.sqrt(query.shape[-1]))):
+            logits = query @ key.transpose(-2, -1) * (scale or 1 / math.sqrt(query.shape[-1]))
+            if attn_mask is not None:
+                logits = logits + attn_mask if attn_mask.dtype != torch.bool else logits.masked_fill(~attn_mask, MASKED)
+            if is_causal:
+                causal = torch.ones(logits.shape[-2:], dtype=torch.bool).tril()
+                logits = logits.masked_fill(~causal, MASKED)
+            return torch.softmax(logits, dim=-1) @ value
+        kernel = functools.partial(flash_attention, blocks=blocks, interpret=interpret)
+        return call_jax(kernel, query, key, value)
+
+    env.override_op_definition(torch.nn.functional.scaled_dot_product_attention, sdpa)

@@ -43,8 +43,13 @@ class CompiledModule:
 
         from tpu_ops.compile_cache import enable_compile_cache
 
+        from tpu_ops.attention import attention_mode, install_flash_attention
+
         enable_compile_cache()
         self.env = torchax.default_env()
+        mode = attention_mode()
+        if mode.startswith("flash"):
+            install_flash_attention(self.env, interpret=mode == "flash-interpret")
         self.module = module.eval()
         self.mesh = mesh
         with self.env:
