@@ -58,7 +58,7 @@ def plain_loop(args: dict) -> dict:
     extra = {"num_frames": args["frames"]} if args.get("frames") else {}
     for p_index, prompt in enumerate(args["prompts"]):
         for seed in args["seeds"]:
-            result = pipe(prompt, num_inference_steps=args["steps"], height=args["size"], width=args["size"],
+            result = pipe(prompt=prompt, num_inference_steps=args["steps"], height=args["size"], width=args["size"],
                           generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **extra)
             pixels = getattr(result, "images", None)
             pixels = result.frames[0] if pixels is None else pixels
