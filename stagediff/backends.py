@@ -42,6 +42,7 @@ def place_pipeline(pipe, backend: str, compiled_component: str | None, on_compil
         if mesh:
             raise StagediffError(f"--mesh {mesh} needs --backend torchax")
         return pipe.to(torch_device())
+    from tpu_ops.attention import FAMILY_ATTENTION, AttentionConfig
     from tpu_ops.compiled_module import CompiledModule
     from tpu_ops.mesh import MeshError, make_mesh
     from tpu_ops.sharding import RULES
@@ -51,7 +52,8 @@ def place_pipeline(pipe, backend: str, compiled_component: str | None, on_compil
     except MeshError as error:
         raise StagediffError(str(error)) from None
     module = getattr(pipe, compiled_component)
-    compiled = CompiledModule(module, on_compile=on_compile, mesh=device_mesh, rules=RULES.get(family, []))
+    compiled = CompiledModule(module, on_compile=on_compile, mesh=device_mesh, rules=RULES.get(family, []),
+                              attention=FAMILY_ATTENTION.get(family, AttentionConfig()))
     # register_modules would insist on a torch Module; the pipeline only calls it and reads attributes.
     object.__setattr__(pipe, compiled_component, compiled)
     return pipe

@@ -127,22 +127,53 @@ ATTENTION_SHAPES = [(1, 2, 64, 32, 64), (2, 1, 100, 16, 77), (1, 2, 130, 32, 130
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES)
 @pytest.mark.parametrize("exp2, k_smoothing", [(True, True), (True, False), (False, True), (False, False)])
 def test_flash_attention_equals_reference_attention(shape, exp2, k_smoothing):
-    from tpu_ops.attention import AttentionBlocks, flash_attention, reference_attention
+    from tpu_ops.attention import AttentionConfig, flash_attention, reference_attention
 
     batch, heads, q_len, dim, kv_len = shape
     keys = jax.random.split(jax.random.PRNGKey(sum(shape)), 3)
     q = jax.random.normal(keys[0], (batch, heads, q_len, dim))
     k = jax.random.normal(keys[1], (batch, heads, kv_len, dim))
     v = jax.random.normal(keys[2], (batch, heads, kv_len, dim))
-    out = flash_attention(q, k, v, blocks=AttentionBlocks(32, 48), exp2=exp2, k_smoothing=k_smoothing, interpret=True)
+    out = flash_attention(q, k, v, config=AttentionConfig(32, 48, 16), exp2=exp2, k_smoothing=k_smoothing, interpret=True)
     assert out.shape == q.shape
     assert float(abs(out - reference_attention(q, k, v)).max()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "mesh, shape, layout",
+    [
+        ("dp=2,tp=4", (2, 4, 40, 16, 40), ("dp", "tp", ())),  # items over dp, heads over tp
+        ("dp=2,tp=4", (1, 4, 96, 16, 100), (None, None, ("dp", "tp"))),  # long sequence, batch 1: dp folded in
+        ("tp=8", (2, 3, 48, 16, 50), (None, None, ("tp",))),  # heads tp does not divide
+        ("tp=8", (1, 2, 70, 16, 70), (None, None, ("tp",))),  # query length padded to the shard count
+        ("fsdp=8", (2, 2, 40, 16, 40), (None, None, ("fsdp",))),
+    ],
+)
+def test_sharded_flash_attention_splits_the_work_and_equals_reference(mesh, shape, layout):
+    from tpu_ops.attention import AttentionConfig, attention_layout, reference_attention, sharded_flash_attention
+
+    batch, heads, q_len, dim, kv_len = shape
+    config = AttentionConfig(16, 32, 16, sequence_parallel_from=64)
+    device_mesh = make_mesh(mesh)
+    assert attention_layout(dict(device_mesh.shape), batch, heads, q_len, config) == layout
+    keys = jax.random.split(jax.random.PRNGKey(q_len), 3)
+    q = jax.random.normal(keys[0], (batch, heads, q_len, dim))
+    k = jax.random.normal(keys[1], (batch, heads, kv_len, dim))
+    v = jax.random.normal(keys[2], (batch, heads, kv_len, dim))
+    out = jax.jit(lambda q, k, v: sharded_flash_attention(q, k, v, mesh=device_mesh, config=config, interpret=True))(
+        q, k, v
+    )
+    assert float(abs(out - reference_attention(q, k, v)).max()) < 1e-5
+    if q_len % 8 == 0:  # each device holds its part (a padded query sequence is sliced back, re-laid out)
+        batch_axis, heads_axis, sequence_axes = layout
+        expected = jax.sharding.NamedSharding(device_mesh, jax.sharding.PartitionSpec(batch_axis, heads_axis, sequence_axes or None))
+        assert out.sharding.is_equivalent_to(expected, out.ndim)
 
 
 def test_k_smoothing_lowers_bf16_error():
     import jax.numpy as jnp
 
-    from tpu_ops.attention import AttentionBlocks, flash_attention, reference_attention
+    from tpu_ops.attention import AttentionConfig, flash_attention, reference_attention
 
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
     q = jax.random.normal(keys[0], (1, 2, 96, 32))
@@ -151,7 +182,7 @@ def test_k_smoothing_lowers_bf16_error():
     expected = reference_attention(q, k, v)
 
     def bf16_error(k_smoothing):
-        out = flash_attention(q.astype(jnp.bfloat16), k, v, blocks=AttentionBlocks(64, 64), k_smoothing=k_smoothing,
+        out = flash_attention(q.astype(jnp.bfloat16), k, v, config=AttentionConfig(64, 64, 32), k_smoothing=k_smoothing,
                               interpret=True)
         return float(abs(out.astype(jnp.float32) - expected).max())
 
@@ -160,35 +191,43 @@ def test_k_smoothing_lowers_bf16_error():
 
 
 def test_torchax_models_run_the_flash_kernel_and_equal_torch(tiny_models, tmp_path):
+    """SDXL and Wan on one device, and Wan on a dp=2,tp=4 mesh with its two heads split along the
+    sequence (tp does not divide them), all through the interpreted kernel."""
     script = textwrap.dedent(
         f"""
         import json, os
         os.environ["STAGEDIFF_ATTENTION"] = "flash-interpret"
         import tpu_ops.attention as attention
-        calls = []
-        kernel = attention.flash_attention
+        calls, layouts = [], set()
+        kernel, layout = attention.flash_attention, attention.attention_layout
         attention.flash_attention = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+        attention.attention_layout = lambda *a: layouts.add(str(layout(*a))) or layout(*a)
+        attention.FAMILY_ATTENTION["wan"] = attention.AttentionConfig(8, 8, 8, sequence_parallel_from=4)
         from stagediff import stages
         from stagediff.plan import make_plan
         from stagediff.request import Request
         errors = {{}}
-        for family, model, extra in (("sdxl", {str(tiny_models("sdxl"))!r}, {{}}),
-                                     ("wan", {str(tiny_models("wan"))!r}, {{"frames": 5}})):
+        runs = (("sdxl", {str(tiny_models("sdxl"))!r}, {{}}), ("wan", {str(tiny_models("wan"))!r}, {{"frames": 5}}),
+                ("wan", {str(tiny_models("wan"))!r}, {{"frames": 5, "mesh": "dp=2,tp=4"}}))
+        for family, model, extra in runs:
             latents = {{}}
             for backend in ("torch", "torchax"):
-                store = {str(tmp_path)!r} + "/" + family + "-" + backend
+                options = dict(extra) if backend == "torchax" else {{k: v for k, v in extra.items() if k != "mesh"}}
+                store = {str(tmp_path)!r} + "/" + family + "-" + backend + str(extra.get("mesh"))
                 plan = make_plan(Request(model=model, prompts=["a cat"], seeds=[0], steps=2, height=32, width=32,
-                                         store=store, backend=backend, **extra))
+                                         store=store, backend=backend, **options))
                 stages.encode(plan)
                 stages.denoise(plan)
                 item = plan.items[0]
                 latents[backend] = plan.store.read_tensors(item.latents_path, item.latents_key)["latents"]
-            errors[family] = float((latents["torch"] - latents["torchax"]).abs().max() / latents["torch"].abs().max())
-        print(json.dumps({{"errors": errors, "kernel_calls": len(calls)}}))
+            name = family + "@" + str(extra.get("mesh"))
+            errors[name] = float((latents["torch"] - latents["torchax"]).abs().max() / latents["torch"].abs().max())
+        print(json.dumps({{"errors": errors, "kernel_calls": len(calls), "layouts": sorted(layouts)}}))
         """
     )
-    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert process.returncode == 0, process.stderr[-2000:]
     result = json.loads(process.stdout.strip().splitlines()[-1])
     assert result["kernel_calls"] > 0
+    assert "('dp', None, ('tp',))" in result["layouts"], result
     assert all(error < 1e-3 for error in result["errors"].values()), result

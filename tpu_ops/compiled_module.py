@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.utils._pytree as pytree
 
+from tpu_ops.attention import AttentionConfig, AttentionPlacement, attention_mode, install_flash_attention, placed_attention
+
 
 def _is_tensor_tree(value) -> bool:
     return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
@@ -36,20 +38,21 @@ class CompiledModule:
         on_compile: Callable[[float], None] | None = None,
         mesh=None,
         rules: list | None = None,
+        attention: AttentionConfig = AttentionConfig(),
     ):
         """`mesh` (a jax Mesh) and `rules` (a sharding rule table) shard the weights over the devices;
-        without a mesh the module runs on the JAX default device."""
+        without a mesh the module runs on the JAX default device. `attention` sets the flash kernel's
+        blocks when `STAGEDIFF_ATTENTION` selects it (the default on TPU)."""
         import torchax
 
         from tpu_ops.compile_cache import enable_compile_cache
-
-        from tpu_ops.attention import attention_mode, install_flash_attention
 
         enable_compile_cache()
         self.env = torchax.default_env()
         mode = attention_mode()
         if mode.startswith("flash"):
-            install_flash_attention(self.env, interpret=mode == "flash-interpret")
+            install_flash_attention(self.env)
+        self.attention = AttentionPlacement(mesh, attention, interpret=mode == "flash-interpret")
         self.module = module.eval()
         self.mesh = mesh
         with self.env:
@@ -80,7 +83,7 @@ class CompiledModule:
         signature = (_signature(args), _signature(tensor_kwargs), repr(static_kwargs))
         jitted = self._jitted_for(static_kwargs, tuple(sorted(tensor_kwargs)))
         start = time.perf_counter()
-        with self.env:
+        with self.env, placed_attention(self.attention):
             inputs = self.env.to_xla((args, tensor_kwargs))
             if self.mesh is not None:
                 inputs = pytree.tree_map(self._place_input, inputs)
