@@ -30,11 +30,11 @@ PROMPTS = ["a lighthouse on a cliff at dawn", "a red fox in fresh snow", "a bowl
            "an astronaut riding a horse"]
 # family -> (tiny-model name, scale, steps, size, frames): compute-dominated settings per family.
 FULL = {
-    "sdxl": ("sdxl", "small", 10, 256, None),
-    "flux1": ("flux1", "tiny", 8, 256, None),
-    "flux2": ("flux2", "tiny", 8, 256, None),
-    "flux2-klein": ("flux2-klein", "tiny", 8, 256, None),
-    "wan": ("wan", "tiny", 8, 64, 17),
+    "sdxl": ("sdxl", "small", 6, 256, None),
+    "flux1": ("flux1", "small", 4, 256, None),
+    "flux2": ("flux2", "small", 4, 256, None),
+    "flux2-klein": ("flux2-klein", "small", 4, 256, None),
+    "wan": ("wan", "small", 6, 64, 17),
 }
 QUICK = {"sdxl": ("sdxl", "tiny", 2, 64, None)}
 
@@ -50,16 +50,11 @@ def run_workload(name: str, args: dict, env: dict | None = None) -> dict:
 
 
 def model_folder(tiny_name: str, scale: str) -> str:
-    from stagediff.tiny import BUILDERS, build_tiny_model
+    from stagediff.tiny import build_tiny_model
 
     folder = WORK / "models" / f"{tiny_name}-{scale}"
     if not (folder / "model_index.json").exists():
-        if scale == "tiny":
-            build_tiny_model(tiny_name, folder)
-        else:
-            import importlib
-
-            importlib.import_module(BUILDERS[tiny_name]).build(folder, scale=scale)
+        build_tiny_model(tiny_name, folder, scale)
     return str(folder)
 
 

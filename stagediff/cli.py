@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-model", help="build a tiny random-init model of a family")
     tiny.add_argument("family", help="sdxl, flux1, flux1-schnell, flux2, flux2-klein, flux2-klein-base or wan")
     tiny.add_argument("folder", help="where to write the checkpoint (diffusers layout)")
+    tiny.add_argument("--scale", default="tiny", help="tiny (tests, demo) or small (benchmarks: ~50-100M parameter denoisers)")
     return parser
 
 
@@ -99,7 +100,7 @@ def run(args) -> int:
     if args.command == "tiny-model":
         from stagediff.tiny import build_tiny_model
 
-        print(build_tiny_model(args.family, args.folder))
+        print(build_tiny_model(args.family, args.folder, args.scale))
         return 0
 
     request = request_from(args)

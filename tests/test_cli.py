@@ -92,3 +92,27 @@ def test_bad_input_exits_without_traceback(tmp_path):
     process = stagediff(*_args(tmp_path / "nowhere", tmp_path / "store"), cwd=tmp_path)
     assert process.returncode == 2
     assert process.stderr.strip().splitlines() == [f"stagediff: error: model not found: {tmp_path / 'nowhere'} (no such folder)"]
+
+
+def test_tiny_model_rejects_an_unknown_scale(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main(["tiny-model", "wan", str(tmp_path / "model"), "--scale", "huge"]))
+    assert exit_info.value.code == 2
+    assert "unknown scale 'huge'" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("module, model_class", [("flux1", "FluxTransformer2DModel"), ("flux2", "Flux2Transformer2DModel"),
+                                                 ("wan", "WanTransformer3DModel")])
+def test_small_scale_denoisers_are_benchmark_sized(module, model_class):
+    """The `small` scale promises denoisers of 40-120M parameters (built on the meta device: no memory)."""
+    import importlib
+
+    import diffusers
+    import torch
+
+    sizes = importlib.import_module(f"stagediff.tiny.{module}").TRANSFORMER_SCALES
+    with torch.device("meta"):
+        small = getattr(diffusers, model_class)(**sizes["small"])
+    parameters = sum(p.numel() for p in small.parameters())
+    assert 40e6 < parameters < 120e6, parameters

@@ -1,4 +1,5 @@
-"""Tiny random-init models of each family's real architecture, for tests and the demo."""
+"""Random-init models of each family's real architecture: `tiny` for tests and the demo, `small`
+(denoisers of roughly 50-100M parameters, so that their compute dominates) for benchmarks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import importlib
 from pathlib import Path
 
 from stagediff.errors import StagediffError
+
+SCALES = ("tiny", "small")
 
 # name -> "module" (its `build`) or "module:function" for a variant built by another function.
 BUILDERS = {
@@ -19,10 +22,13 @@ BUILDERS = {
 }
 
 
-def build_tiny_model(family: str, folder: Path) -> Path:
-    """Build the tiny checkpoint of `family` into `folder` (diffusers layout with model_index.json)."""
+def build_tiny_model(family: str, folder: Path, scale: str = "tiny") -> Path:
+    """Build the random-init checkpoint of `family` at `scale` into `folder` (diffusers layout with
+    model_index.json)."""
     if family not in BUILDERS:
         raise StagediffError(f"unknown family {family!r} for tiny-model (choose from {', '.join(BUILDERS)})")
+    if scale not in SCALES:
+        raise StagediffError(f"unknown scale {scale!r} for tiny-model (choose from {', '.join(SCALES)})")
     module_name, _, function = BUILDERS[family].partition(":")
     build = getattr(importlib.import_module(module_name), function or "build")
-    return build(Path(folder))
+    return build(Path(folder), scale=scale)

@@ -13,19 +13,25 @@ from stagediff.tiny.tokenizers import CLIP_SPECIAL_TOKENS, clip_vocab, save_clip
 CLIP_HIDDEN = 32
 T5_HIDDEN = 32
 LATENT_CHANNELS = 4
+TRANSFORMER_SCALES = {
+    "tiny": dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6)),
+    "small": dict(num_layers=4, num_single_layers=8, num_attention_heads=8, attention_head_dim=64,
+                  axes_dims_rope=(16, 24, 24)),
+}
+"""FluxTransformer2DModel sizes by scale (small: ~55M parameters)."""
 
 
-def build(folder: Path, seed: int = 0) -> Path:
-    """Write a tiny FLUX.1-dev style checkpoint (diffusers layout, model_index.json) to `folder`."""
-    return _build(Path(folder), seed, guidance_embeds=True)
+def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
+    """Write a random-init FLUX.1-dev style checkpoint (diffusers layout, model_index.json) to `folder`."""
+    return _build(Path(folder), seed, scale, guidance_embeds=True)
 
 
-def build_schnell(folder: Path, seed: int = 0) -> Path:
-    """Write a tiny FLUX.1-schnell style checkpoint to `folder`."""
-    return _build(Path(folder), seed, guidance_embeds=False)
+def build_schnell(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
+    """Write a random-init FLUX.1-schnell style checkpoint to `folder`."""
+    return _build(Path(folder), seed, scale, guidance_embeds=False)
 
 
-def _build(folder: Path, seed: int, guidance_embeds: bool) -> Path:
+def _build(folder: Path, seed: int, scale: str, guidance_embeds: bool) -> Path:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -33,14 +39,10 @@ def _build(folder: Path, seed: int, guidance_embeds: bool) -> Path:
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * LATENT_CHANNELS,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
         joint_attention_dim=T5_HIDDEN,
         pooled_projection_dim=CLIP_HIDDEN,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
+        **TRANSFORMER_SCALES[scale],
     )
     # FLUX.1-dev shifts the schedule with the image size; schnell uses a fixed shift of 1.
     scheduler = FlowMatchEulerDiscreteScheduler(

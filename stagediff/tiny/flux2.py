@@ -17,10 +17,17 @@ TEXT_HIDDEN = 16
 LATENT_CHANNELS = 4
 MISTRAL_LAYERS = 30
 QWEN_LAYERS = 27
+TRANSFORMER_SCALES = {
+    "tiny": dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
+                 axes_dims_rope=(4, 4, 4, 4)),
+    "small": dict(num_layers=4, num_single_layers=8, num_attention_heads=8, attention_head_dim=64,
+                  axes_dims_rope=(16, 16, 16, 16)),
+}
+"""Flux2Transformer2DModel sizes by scale (small: ~45M parameters)."""
 
 
-def build(folder: Path, seed: int = 0) -> Path:
-    """Write a tiny FLUX.2-dev style checkpoint (diffusers layout, model_index.json) to `folder`."""
+def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
+    """Write a random-init FLUX.2-dev style checkpoint (diffusers layout, model_index.json) to `folder`."""
     from diffusers import Flux2Pipeline
 
     folder = Path(folder)
@@ -28,23 +35,23 @@ def build(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed + 2)
     text_encoder = _mistral3_text_encoder(tokenizer)
     pipeline = Flux2Pipeline(
-        text_encoder=text_encoder, tokenizer=tokenizer, **_image_components(seed, guidance_embeds=True)
+        text_encoder=text_encoder, tokenizer=tokenizer, **_image_components(seed, scale, guidance_embeds=True)
     )
     pipeline.save_pretrained(folder)
     return folder
 
 
-def build_klein(folder: Path, seed: int = 0) -> Path:
-    """Write a tiny FLUX.2-klein style checkpoint (step-distilled: no CFG) to `folder`."""
-    return _build_klein(Path(folder), seed, is_distilled=True)
+def build_klein(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
+    """Write a random-init FLUX.2-klein style checkpoint (step-distilled: no CFG) to `folder`."""
+    return _build_klein(Path(folder), seed, scale, is_distilled=True)
 
 
-def build_klein_base(folder: Path, seed: int = 0) -> Path:
-    """Write a tiny FLUX.2-klein-base style checkpoint (CFG with an empty negative prompt) to `folder`."""
-    return _build_klein(Path(folder), seed, is_distilled=False)
+def build_klein_base(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
+    """Write a random-init FLUX.2-klein-base style checkpoint (CFG with an empty negative prompt) to `folder`."""
+    return _build_klein(Path(folder), seed, scale, is_distilled=False)
 
 
-def _build_klein(folder: Path, seed: int, is_distilled: bool) -> Path:
+def _build_klein(folder: Path, seed: int, scale: str, is_distilled: bool) -> Path:
     from diffusers import Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -68,13 +75,13 @@ def _build_klein(folder: Path, seed: int, is_distilled: bool) -> Path:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         is_distilled=is_distilled,
-        **_image_components(seed, guidance_embeds=False),
+        **_image_components(seed, scale, guidance_embeds=False),
     )
     pipeline.save_pretrained(folder)
     return folder
 
 
-def _image_components(seed: int, guidance_embeds: bool) -> dict:
+def _image_components(seed: int, scale: str, guidance_embeds: bool) -> dict:
     """Transformer, scheduler and VAE shared by both FLUX.2 pipelines."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
@@ -82,14 +89,10 @@ def _image_components(seed: int, guidance_embeds: bool) -> dict:
     transformer = Flux2Transformer2DModel(
         patch_size=1,
         in_channels=4 * LATENT_CHANNELS,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
         joint_attention_dim=3 * TEXT_HIDDEN,
         timestep_guidance_channels=256,
-        axes_dims_rope=(4, 4, 4, 4),
         guidance_embeds=guidance_embeds,
+        **TRANSFORMER_SCALES[scale],
     )
     torch.manual_seed(seed + 1)
     # Four blocks: the VAE factor of 8 that the pipelines also assume when their VAE is not loaded.

@@ -12,10 +12,15 @@ from stagediff.tiny.tokenizers import save_t5_tokenizer
 TEXT_HIDDEN = 32
 FLOW_SHIFT = 3.0
 """Wan 2.1 checkpoints ship flow_shift 3.0 (the 480p setting)."""
+TRANSFORMER_SCALES = {
+    "tiny": dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2, rope_max_seq_len=32),
+    "small": dict(num_attention_heads=8, attention_head_dim=64, ffn_dim=2048, num_layers=10, rope_max_seq_len=1024),
+}
+"""WanTransformer3DModel sizes by scale (small: ~45M parameters)."""
 
 
-def build(folder: Path, seed: int = 0) -> Path:
-    """Write a tiny Wan 2.1 T2V checkpoint (diffusers layout, model_index.json) to `folder`."""
+def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
+    """Write a random-init Wan 2.1 T2V checkpoint (diffusers layout, model_index.json) to `folder`."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -25,17 +30,13 @@ def build(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
         in_channels=16,
         out_channels=16,
         text_dim=TEXT_HIDDEN,
         freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+        **TRANSFORMER_SCALES[scale],
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLWan(
