@@ -30,6 +30,19 @@ def _jax_platform() -> str:
         return "none"
 
 
+def default_mesh(backend: str, batch_size: int, model_bytes: int) -> str | None:
+    """The mesh when `--mesh` is not given: on a multi-chip TPU host, `tpu_ops.mesh.default_mesh_spec`
+    for this model and batch; elsewhere none (one device)."""
+    if backend != "torchax" or _jax_platform() != "tpu":
+        return None
+    import jax
+
+    from tpu_ops.mesh import default_mesh_spec
+
+    memory = jax.local_devices()[0].memory_stats() or {}
+    return default_mesh_spec(jax.device_count(), batch_size, model_bytes, memory.get("bytes_limit"))
+
+
 def torch_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -29,7 +29,8 @@ class Request:
     backend: str = "auto"
     batch_size: int = 1
     mesh: str | None = None
-    """Device mesh for the torchax backend, e.g. `dp=2,tp=4` (default: the JAX default device)."""
+    """Device mesh for the torchax backend, e.g. `dp=2,tp=4` (default: one device, or on a multi-chip
+    TPU host `tpu_ops.mesh.default_mesh_spec`)."""
     extras: dict = field(default_factory=dict)
     """Family-specific options (for example `flow_shift` for Wan)."""
 

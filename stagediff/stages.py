@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stagediff import __version__
-from stagediff.backends import place_pipeline, resolve_backend
+from stagediff.backends import default_mesh, place_pipeline, resolve_backend
 from stagediff.errors import CorruptArtifact, StagediffError
 from stagediff.media import is_valid_media, media_bytes
 from stagediff.plan import Item, Plan
@@ -56,7 +56,11 @@ def _components_of(plan: Plan, stage: str) -> tuple[str, ...]:
 
 def _stage_pipeline(plan: Plan, stage: str, backend: str) -> tuple[_Loaded, float]:
     """The stage's pipeline (only its components loaded), kept for the next call with the same key."""
-    key = (str(plan.model.folder), plan.settings.dtype, backend, plan.request.mesh)
+    mesh = plan.request.mesh
+    if stage == DENOISE and mesh is None:
+        weights = plan.model.folder / plan.family.denoiser_component
+        mesh = default_mesh(backend, plan.request.batch_size, sum(f.stat().st_size for f in weights.glob("*.safetensors")))
+    key = (str(plan.model.folder), plan.settings.dtype, backend, mesh)
     loaded = _loaded.get(stage)
     if loaded is not None and loaded.key == key:
         return loaded, 0.0
@@ -75,7 +79,7 @@ def _stage_pipeline(plan: Plan, stage: str, backend: str) -> tuple[_Loaded, floa
     if stage == DENOISE:
         pipe = place_pipeline(
             pipe, backend, plan.family.denoiser_component, on_compile=compile_seconds.append,
-            mesh=plan.request.mesh, family=plan.family.name,
+            mesh=mesh, family=plan.family.name,
         )
     elif stage == DECODE:
         pipe = place_pipeline(pipe, "torch", None)

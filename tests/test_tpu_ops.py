@@ -45,6 +45,24 @@ def test_sharded_denoise_equals_single_device(tiny_models, tmp_path, family, mes
         assert relative_error(actual, expected) < 1e-4
 
 
+@pytest.mark.parametrize(
+    "batch_size, model_bytes, expected",
+    [
+        (1, 10 << 30, "tp=8"),  # one item: every chip on it
+        (8, 10 << 30, "dp=8"),  # the model fits a chip: one item per chip
+        (2, 10 << 30, "dp=2,tp=4"),  # items as far as the batch divides the chips
+        (8, 40 << 30, "tp=8"),  # too big for one chip (FLUX.2-dev on 32 GiB chips)
+    ],
+)
+def test_default_mesh_fits_the_model_and_the_batch(batch_size, model_bytes, expected):
+    from tpu_ops.mesh import default_mesh_spec
+
+    spec = default_mesh_spec(8, batch_size, model_bytes, device_bytes=32 << 30)
+    assert spec == expected
+    assert dict(make_mesh(spec).shape) == parse_mesh_spec(expected)
+    assert default_mesh_spec(1, batch_size, model_bytes, device_bytes=32 << 30) is None
+
+
 def test_each_device_holds_only_its_shard():
     linear = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
     inputs = torch.randn(4, 16)

@@ -43,6 +43,18 @@ def make_mesh(spec: str | None, devices=None):
     return jax.sharding.Mesh(np.array(devices).reshape(tuple(sizes.values())), tuple(sizes))
 
 
+def default_mesh_spec(device_count: int, batch_size: int, model_bytes: int, device_bytes: int | None) -> str | None:
+    """The layout when no mesh is asked for: one device alone needs none; a model that fits a device
+    (within half its memory, leaving room for activations) puts items on `dp` as far as the batch
+    divides the devices and the rest on `tp`; a model that does not fit puts every device on `tp`."""
+    if device_count <= 1:
+        return None
+    fits = device_bytes is None or model_bytes <= device_bytes // 2
+    dp = math.gcd(device_count, batch_size) if fits else 1
+    sizes = {"dp": dp, "tp": device_count // dp}
+    return ",".join(f"{axis}={size}" for axis, size in sizes.items() if size > 1)
+
+
 def initialize_multihost() -> bool:
     """On a multi-host TPU slice (`STAGEDIFF_MULTIHOST=1`), join the other hosts before using devices."""
     if os.environ.get(MULTIHOST_VARIABLE) != "1":
