@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +29,49 @@ sys.path.insert(0, str(ROOT))
 
 PROMPTS = ["a lighthouse on a cliff at dawn", "a red fox in fresh snow", "a bowl of ramen, studio light",
            "an astronaut riding a horse"]
-# family -> (tiny-model name, scale, steps, size, frames): compute-dominated settings per family.
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked generation: which random-init model (`stagediff tiny-model` name and scale) and
+    the settings of each item."""
+
+    model: str
+    scale: str
+    steps: int
+    height: int
+    width: int
+    frames: int | None = None
+    anchor: str = ""
+    """A published or reference timing to read the result against."""
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}×{self.height}" + (f"×{self.frames}f" if self.frames else "")
+
+    def arguments(self) -> dict:
+        return {"steps": self.steps, "height": self.height, "width": self.width, "frames": self.frames}
+
+
+# Compute-dominated CPU settings per family.
 FULL = {
-    "sdxl": ("sdxl", "small", 6, 256, None),
-    "flux1": ("flux1", "small", 4, 256, None),
-    "flux2": ("flux2", "small", 4, 256, None),
-    "flux2-klein": ("flux2-klein", "small", 4, 256, None),
-    "wan": ("wan", "small", 6, 64, 17),
+    "sdxl": Case("sdxl", "small", 6, 224, 224),
+    "flux1": Case("flux1", "small", 4, 224, 224),
+    "flux2": Case("flux2", "small", 4, 224, 224),
+    "flux2-klein": Case("flux2-klein", "small", 4, 224, 224),
+    "wan": Case("wan", "small", 6, 64, 64, 17),
 }
-QUICK = {"sdxl": ("sdxl", "tiny", 2, 64, None)}
+QUICK = {"sdxl": Case("sdxl", "tiny", 2, 64, 64)}
+# Real-size architectures (random weights, bf16) on a GPU, with the anchors from the issue and the
+# reference systems' READMEs.
+GPU = {
+    "sdxl": Case("sdxl", "full", 25, 1024, 1024, anchor="TPU v6e-8 reference (torchax): UNet 25 steps ≈ 2.2 s "
+                 "(0.09 s/step), VAE decode ≈ 0.5 s"),
+    "flux1": Case("flux1", "full", 28, 1024, 1024, anchor="published: FLUX.1-dev 1024², 28 steps ≈ 4.3 s on one "
+                  "H100 with torch.compile"),
+    "wan": Case("wan", "full", 50, 480, 832, 81, anchor="TPU v6e-8 reference: Wan 2.1 14B (10× the parameters) "
+                "480p 81 frames ≈ 1.26-1.37 s/step"),
+}
 
 
 def run_workload(name: str, args: dict, env: dict | None = None) -> dict:
@@ -49,12 +84,26 @@ def run_workload(name: str, args: dict, env: dict | None = None) -> dict:
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
-def model_folder(tiny_name: str, scale: str) -> str:
+def model_folder(name: str, scale: str) -> str:
+    """The random-init checkpoint, built once. `full` models are built on the accelerator in bf16 (a
+    FLUX.1 transformer is 24 GB even so)."""
+    import torch
+
+    from stagediff.backends import torch_device
     from stagediff.tiny import build_tiny_model
 
-    folder = WORK / "models" / f"{tiny_name}-{scale}"
+    folder = WORK / "models" / f"{name}-{scale}"
     if not (folder / "model_index.json").exists():
-        build_tiny_model(tiny_name, folder, scale)
+        if scale != "full":
+            build_tiny_model(name, folder, scale)
+            return str(folder)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(torch_device()):
+                build_tiny_model(name, folder, scale)
+        finally:
+            torch.set_default_dtype(default_dtype)
     return str(folder)
 
 
@@ -65,53 +114,53 @@ def read_frames(path: str) -> np.ndarray:
     return iio.imread(data, extension=Path(path).suffix)
 
 
-def sweep(family: str, spec: tuple, prompts: int, seeds: int) -> dict:
-    tiny_name, scale, steps, size, frames = spec
-    model = model_folder(tiny_name, scale)
-    base = {"model": model, "prompts": PROMPTS[:prompts], "seeds": list(range(seeds)), "steps": steps, "size": size,
-            "frames": frames}
+def side_by_side(family: str, case: Case, prompts: int, seeds: int, dtype: str = "float32") -> tuple[dict, dict, int]:
+    """Run the plain diffusers loop and stagediff's stages on the same items; return both measurements
+    and the largest pixel difference between their outputs."""
+    base = {"model": model_folder(case.model, case.scale), "prompts": PROMPTS[:prompts], "seeds": list(range(seeds)),
+            "dtype": dtype, **case.arguments()}
     store = WORK / "stores" / family
     plain_out = WORK / "plain" / family
     shutil.rmtree(store, ignore_errors=True)
     shutil.rmtree(plain_out, ignore_errors=True)
     plain = run_workload("plain_loop", {**base, "out": str(plain_out)})
     staged = run_workload("staged", {**base, "store": str(store), "batch_size": 1})
+    extension = "mp4" if case.frames else "png"
+    theirs = [plain_out / f"{p_index}-{seed}.{extension}" for p_index in range(prompts) for seed in range(seeds)]
+    diffs = [int(np.abs(read_frames(ours).astype(int) - read_frames(str(path)).astype(int)).max())
+             for ours, path in zip(staged["media"], theirs)]
+    return plain, staged, max(diffs)
+
+
+def sweep(family: str, case: Case, prompts: int, seeds: int) -> dict:
+    plain, staged, max_diff = side_by_side(family, case, prompts, seeds)
     images = prompts * seeds
-    diffs = []
-    index = 0
-    for p_index in range(prompts):
-        for seed in range(seeds):
-            extension = "mp4" if frames else "png"
-            ours = read_frames(staged["media"][index]).astype(int)
-            theirs = read_frames(str(plain_out / f"{p_index}-{seed}.{extension}")).astype(int)
-            diffs.append(int(np.abs(ours - theirs).max()))
-            index += 1
     stage_seconds = {name: round(s["seconds"], 2) for name, s in staged["stages"].items()}
     compute = sum(s["compute_seconds"] for s in staged["stages"].values())
     loads = sum(s["load_seconds"] for s in staged["stages"].values())
     return {
-        "family": family, "model": f"{tiny_name} ({scale})", "images": images, "steps": steps, "size": size,
-        "frames": frames, "plain_images_per_s": images / plain["seconds"],
+        "family": family, "model": f"{case.model} ({case.scale})", "images": images, "steps": case.steps,
+        "size": case.size, "plain_images_per_s": images / plain["seconds"],
         "stagediff_images_per_s": images / staged["seconds"], "ratio": plain["seconds"] / staged["seconds"],
-        "max_pixel_diff": max(diffs), "stage_seconds": stage_seconds, "model_load_seconds": round(loads, 2),
+        "max_pixel_diff": max_diff, "stage_seconds": stage_seconds, "model_load_seconds": round(loads, 2),
         "compute_seconds": round(compute, 2), "store_and_other_seconds": round(staged["seconds"] - compute - loads, 2),
         "encode_calls": {"stagediff": prompts, "plain_loop": images},
     }
 
 
-def memory(family: str, spec: tuple) -> dict:
-    tiny_name, scale, steps, size, frames = spec
-    base = {"model": model_folder(tiny_name, scale), "prompts": PROMPTS[:1], "seeds": [0], "steps": steps,
-            "size": size, "frames": frames, "store": str(WORK / "stores" / f"memory-{family}")}
+def memory(family: str, case: Case) -> dict:
+    base = {"model": model_folder(case.model, case.scale), "prompts": PROMPTS[:1], "seeds": [0],
+            "store": str(WORK / "stores" / f"memory-{family}"), **case.arguments()}
     shutil.rmtree(base["store"], ignore_errors=True)
-    peaks = {name: run_workload("stage", {**base, "stage": name})["max_rss_mb"] for name in ("encode", "denoise", "decode")}
+    peaks = {name: run_workload("stage", {**base, "stage": name})["max_rss_mb"]
+             for name in ("encode", "denoise", "decode")}
     full = run_workload("full_pipeline", {**base, "out": str(WORK / "plain" / f"memory-{family}")})["max_rss_mb"]
     return {"family": family, **{k: round(v) for k, v in peaks.items()}, "full_pipeline": round(full)}
 
 
 def compile_reuse() -> dict:
-    base = {"model": model_folder("sdxl", "tiny"), "prompts": PROMPTS[:1], "seeds": [0], "steps": 2, "size": 64,
-            "store": str(WORK / "stores" / "compile")}
+    base = {"model": model_folder("sdxl", "tiny"), "prompts": PROMPTS[:1], "seeds": [0],
+            "store": str(WORK / "stores" / "compile"), **QUICK["sdxl"].arguments()}
     cache = WORK / "compile-cache"
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(base["store"], ignore_errors=True)
@@ -125,8 +174,8 @@ def compile_reuse() -> dict:
 
 
 def orchestration(pooled: bool) -> dict:
-    base = {"model": model_folder("sdxl", "tiny"), "prompts": PROMPTS[:2], "seeds": [0, 1, 2, 3], "steps": 2,
-            "size": 64}
+    base = {"model": model_folder("sdxl", "tiny"), "prompts": PROMPTS[:2], "seeds": [0, 1, 2, 3],
+            **QUICK["sdxl"].arguments()}
     items = 8
     results = {}
     for name, workload in (("library", "staged"), ("in_process_flow", "flow_in_process")):
@@ -156,7 +205,7 @@ def pooled_path(base: dict, items: int) -> dict:
         for pool in ("cpu-pool", "tpu-pool"):
             stack.start_worker(pool)
         parameters = {"model": base["model"], "prompts": base["prompts"], "seeds": base["seeds"], "steps": base["steps"],
-                      "height": base["size"], "width": base["size"], "store": str(store)}
+                      "height": base["height"], "width": base["width"], "store": str(store)}
         submitted = time.perf_counter()
         process = subprocess.Popen([sys.executable, "-m", "prefect", "--no-prompt", "deployment", "run",
                                     "generate/stagediff", "--params", json.dumps(parameters), "--watch"],
@@ -173,38 +222,78 @@ def pooled_path(base: dict, items: int) -> dict:
         stack.stop()
 
 
-def gpu() -> dict:
+def gpu(families: list[str]) -> dict:
+    """Section 6: real-size architectures in bf16 on the GPU, stagediff against the diffusers pipeline."""
     import torch
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device on this machine"}
-    return {"skipped": "real-size GPU runs are not implemented yet (no GPU was available to validate them)"}
+    return {"device": torch.cuda.get_device_name(), "rows": [gpu_row(family, GPU[family]) for family in families]}
+
+
+def gpu_row(family: str, case: Case, seeds: int = 2, dtype: str = "bfloat16") -> dict:
+    """One prompt × `seeds` seeds both ways; the last item (warm) gives seconds per step and per image."""
+    plain, staged, max_diff = side_by_side(f"gpu-{family}", case, 1, seeds, dtype)
+    stages = staged["stages"]
+    # Encode runs once per prompt (its one item counts whole here), denoise and decode once per seed.
+    ours_per_item = sum(stages[name]["item_seconds"][-1] for name in ("encode", "denoise", "decode"))
+    return {
+        "family": family, "model": f"{case.model} ({case.scale}, {dtype})", "steps": case.steps, "size": case.size,
+        "diffusers_s_per_step": plain["step_seconds"][-1],
+        "stagediff_s_per_step": stages["denoise"]["item_seconds"][-1] / case.steps,
+        "diffusers_s_per_item": plain["item_seconds"][-1], "stagediff_s_per_item": ours_per_item,
+        "ratio": plain["item_seconds"][-1] / ours_per_item, "max_pixel_diff": max_diff, "anchor": case.anchor,
+    }
 
 
 def markdown(report: dict) -> str:
+    """The report as markdown, one section per measurement the run made."""
     lines = [f"# stagediff benchmarks — {report['date']} on {report['machine']}", ""]
-    lines += ["## 1–2. Sweep throughput and where the time goes", "",
-              "| family | model | images | steps | size | plain loop img/s | stagediff img/s | ratio | max pixel diff | encode calls (stagediff / loop) | stage seconds (encode / denoise / decode) | model load s | store+other s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in report["sweep"]:
+    if "sweep" in report:
+        lines += sweep_markdown(report["sweep"])
+    if "memory" in report:
+        lines += ["", "## 3. Peak memory (RSS, MB) per stage process vs the full pipeline", "",
+                  "| family | encode | denoise | decode | full pipeline |", "|---|---|---|---|---|"]
+        lines += [f"| {row['family']} | {row['encode']} | {row['denoise']} | {row['decode']} | {row['full_pipeline']} |"
+                  for row in report["memory"]]
+    for key, title, unit in (("compile", "4. Compile (torchax, tiny SDXL)", "value"),
+                             ("orchestration", "5. Orchestration overhead (tiny SDXL, 8 items)", "seconds")):
+        if key in report:
+            lines += ["", f"## {title}", "", f"| measure | {unit} |", "|---|---|"]
+            lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                      for k, v in report[key].items()]
+    lines += ["", "## 6. GPU: real-size architectures, random weights", ""] + gpu_markdown(report["gpu"]) + [""]
+    return "\n".join(lines)
+
+
+def sweep_markdown(rows: list[dict]) -> list[str]:
+    lines = ["## 1–2. Sweep throughput and where the time goes", "",
+             "| family | model | images | steps | size | plain loop img/s | stagediff img/s | ratio | max pixel diff "
+             "| encode calls (stagediff / loop) | stage seconds (encode / denoise / decode) | model load s "
+             "| store+other s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
         stages = row["stage_seconds"]
         lines.append(
-            f"| {row['family']} | {row['model']} | {row['images']} | {row['steps']} | {row['size']}"
-            f"{'×' + str(row['frames']) + 'f' if row['frames'] else ''} | {row['plain_images_per_s']:.3f} | "
-            f"{row['stagediff_images_per_s']:.3f} | {row['ratio']:.2f}× | {row['max_pixel_diff']} | "
-            f"{row['encode_calls']['stagediff']} / {row['encode_calls']['plain_loop']} | "
+            f"| {row['family']} | {row['model']} | {row['images']} | {row['steps']} | {row['size']} | "
+            f"{row['plain_images_per_s']:.3f} | {row['stagediff_images_per_s']:.3f} | {row['ratio']:.2f}× | "
+            f"{row['max_pixel_diff']} | {row['encode_calls']['stagediff']} / {row['encode_calls']['plain_loop']} | "
             f"{stages['encode']} / {stages['denoise']} / {stages['decode']} | {row['model_load_seconds']} | "
             f"{row['store_and_other_seconds']} |")
-    lines += ["", "## 3. Peak memory (RSS, MB) per stage process vs the full pipeline", "",
-              "| family | encode | denoise | decode | full pipeline |", "|---|---|---|---|---|"]
-    for row in report["memory"]:
-        lines.append(f"| {row['family']} | {row['encode']} | {row['denoise']} | {row['decode']} | {row['full_pipeline']} |")
-    lines += ["", "## 4. Compile (torchax, tiny SDXL)", "", "| measure | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report["compile"].items()]
-    lines += ["", "## 5. Orchestration overhead (tiny SDXL, 8 items)", "", "| measure | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report["orchestration"].items()]
-    lines += ["", "## 6. GPU", "", f"{report['gpu']}", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def gpu_markdown(section: dict) -> list[str]:
+    if "rows" not in section:
+        return [f"Skipped: {section.get('skipped', 'not run')}."]
+    lines = [f"On {section['device']}; the last of each run's items (warm).", "",
+             "| family | model | steps | size | diffusers s/step | stagediff s/step | diffusers s/item | stagediff s/item "
+             "| ratio | max pixel diff | anchor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in section["rows"]:
+        lines.append(f"| {row['family']} | {row['model']} | {row['steps']} | {row['size']} | "
+                     f"{row['diffusers_s_per_step']:.3f} | {row['stagediff_s_per_step']:.3f} | "
+                     f"{row['diffusers_s_per_item']:.2f} | {row['stagediff_s_per_item']:.2f} | {row['ratio']:.2f}× | "
+                     f"{row['max_pixel_diff']} | {row['anchor']} |")
+    return lines
 
 
 def main() -> None:
@@ -212,7 +301,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 prompts × 2 seeds, no pooled path")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--gpu-only", action="store_true", help="only section 6 (real-size models on the GPU)")
+    parser.add_argument("--gpu-families", default=",".join(GPU), help="families for section 6, comma-separated")
     args = parser.parse_args()
+    gpu_families = args.gpu_families.split(",")
+    unknown = [family for family in gpu_families if family not in GPU]
+    if unknown:
+        parser.error(f"--gpu-families {unknown[0]!r} is not one of {', '.join(GPU)}")
     families = QUICK if args.quick else FULL
     prompts, seeds = (2, 2) if args.quick else (args.prompts, args.seeds)
     import torch
@@ -222,14 +317,16 @@ def main() -> None:
         "machine": f"{socket.gethostname()}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"torch {torch.__version__}, {torch.get_num_threads()} threads",
         "quick": args.quick,
-        "sweep": [sweep(family, spec, prompts, seeds) for family, spec in families.items()],
-        "memory": [memory(family, spec) for family, spec in families.items()],
-        "compile": compile_reuse(),
-        "orchestration": orchestration(pooled=not args.quick),
-        "gpu": gpu(),
     }
+    if not args.gpu_only:
+        report["sweep"] = [sweep(family, case, prompts, seeds) for family, case in families.items()]
+        report["memory"] = [memory(family, case) for family, case in families.items()]
+        report["compile"] = compile_reuse()
+        report["orchestration"] = orchestration(pooled=not args.quick)
+    report["gpu"] = {"skipped": "quick mode"} if args.quick else gpu(gpu_families)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"{report['date']}-{socket.gethostname()}{'-quick' if args.quick else ''}"
+    suffix = "-quick" if args.quick else "-gpu" if args.gpu_only else ""
+    stem = RESULTS / f"{report['date']}-{socket.gethostname()}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     stem.with_suffix(".md").write_text(table)

@@ -23,8 +23,8 @@ def _request(args: dict, **overrides):
 
     options = {
         "model": args["model"], "prompts": args["prompts"], "seeds": args["seeds"], "steps": args["steps"],
-        "height": args["size"], "width": args["size"], "store": args["store"], "batch_size": args.get("batch_size", 1),
-        "backend": args.get("backend", "torch"),
+        "height": args["height"], "width": args["width"], "store": args["store"], "batch_size": args.get("batch_size", 1),
+        "backend": args.get("backend", "torch"), "dtype": args.get("dtype", "float32"),
     }
     if args.get("frames"):
         options["frames"] = args["frames"]
@@ -40,32 +40,59 @@ def import_pipeline_class(model: str):
     return getattr(diffusers, class_name)
 
 
+class StepClock:
+    """A diffusers `callback_on_step_end` that records when each denoising step ends."""
+
+    def __init__(self, device):
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, pipe, step, timestep, callback_kwargs):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return callback_kwargs
+
+
 def plain_loop(args: dict) -> dict:
     """Load the diffusers pipeline once, call it per (prompt, seed), save each output as stagediff would."""
     import numpy as np
     import torch
     from diffusers import DiffusionPipeline
 
+    from stagediff.backends import torch_device
     from stagediff.media import media_bytes
+    from stagediff.stages import TORCH_DTYPES
 
     import_pipeline_class(args["model"])
     start = time.perf_counter()
-    pipe = DiffusionPipeline.from_pretrained(args["model"])
+    device = torch_device()
+    pipe = DiffusionPipeline.from_pretrained(args["model"], torch_dtype=TORCH_DTYPES[args.get("dtype", "float32")])
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     load = time.perf_counter() - start
     out = Path(args["out"])
     out.mkdir(parents=True, exist_ok=True)
     extra = {"num_frames": args["frames"]} if args.get("frames") else {}
+    item_seconds, step_seconds = [], []
     for p_index, prompt in enumerate(args["prompts"]):
         for seed in args["seeds"]:
-            result = pipe(prompt=prompt, num_inference_steps=args["steps"], height=args["size"], width=args["size"],
-                          generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **extra)
+            item_start = time.perf_counter()
+            clock = StepClock(device)
+            result = pipe(prompt=prompt, num_inference_steps=args["steps"], height=args["height"], width=args["width"],
+                          generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
+                          callback_on_step_end=clock, **extra)
             pixels = getattr(result, "images", None)
             pixels = result.frames[0] if pixels is None else pixels
             frames = (np.asarray(pixels) * 255).round().astype(np.uint8)
             extension = "mp4" if args.get("frames") else "png"
             (out / f"{p_index}-{seed}.{extension}").write_bytes(media_bytes(extension, [frames], 16, {"seed": seed}))
-    return {"seconds": time.perf_counter() - start, "load_seconds": load}
+            item_seconds.append(time.perf_counter() - item_start)
+            step_seconds.append(float(np.median(np.diff(clock.times))) if len(clock.times) > 1 else None)
+    return {"seconds": time.perf_counter() - start, "load_seconds": load, "item_seconds": item_seconds,
+            "step_seconds": step_seconds}
 
 
 def staged(args: dict) -> dict:
@@ -83,7 +110,8 @@ def staged(args: dict) -> dict:
         stages.release(result.stage)
         results[result.stage] = {
             "seconds": time.perf_counter() - stage_start, "load_seconds": result.load_seconds,
-            "compute_seconds": sum(result.item_seconds), "computed": result.computed,
+            "compute_seconds": sum(result.item_seconds), "item_seconds": result.item_seconds,
+            "computed": result.computed,
         }
     return {"seconds": time.perf_counter() - start, "stages": results,
             "media": [plan.store.uri_of(item.media_path) for item in plan.items]}
@@ -130,7 +158,7 @@ def flow_in_process(args: dict) -> dict:
     with prefect_test_harness():
         ready = time.perf_counter()
         generate(model=args["model"], prompts=args["prompts"], seeds=args["seeds"], steps=args["steps"],
-                 height=args["size"], width=args["size"], store=args["store"], dispatch="in-process")
+                 height=args["height"], width=args["width"], store=args["store"], dispatch="in-process")
         done = time.perf_counter()
     return {"server_start_seconds": ready - start, "seconds": done - ready}
 

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("tiny-model", help="build a tiny random-init model of a family")
     tiny.add_argument("family", help="sdxl, flux1, flux1-schnell, flux2, flux2-klein, flux2-klein-base or wan")
     tiny.add_argument("folder", help="where to write the checkpoint (diffusers layout)")
-    tiny.add_argument("--scale", default="tiny", help="tiny (tests, demo) or small (benchmarks: ~50-100M parameter denoisers)")
+    tiny.add_argument("--scale", default="tiny", help="tiny (tests, demo), small (CPU benchmarks: ~50-100M "
+                      "parameter denoisers) or full (real-size denoiser and VAE: sdxl, flux1, wan)")
     return parser
 
 

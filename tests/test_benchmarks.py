@@ -22,3 +22,18 @@ def test_quick_sweep_matches_the_plain_loop_and_renders(tmp_path, monkeypatch):
     report = {"date": "d", "machine": "m", "sweep": [row], "memory": [], "compile": {}, "orchestration": {}, "gpu": {}}
     table = bench.markdown(report)
     assert "| sdxl | sdxl (tiny) | 2 |" in table
+
+
+def test_gpu_section_code_path_runs_on_this_device_at_tiny_scale(tmp_path, monkeypatch):
+    """Section 6 (real sizes, bf16, on a GPU) run here with the tiny model: both paths in bf16, the same
+    pixels, per-step and per-item seconds for each, and its table."""
+    monkeypatch.setattr(bench, "WORK", tmp_path)
+    case = bench.Case("sdxl", "tiny", 3, 64, 64, anchor="an anchor")
+    row = bench.gpu_row("sdxl", case, seeds=2, dtype="bfloat16")
+
+    assert row["model"] == "sdxl (tiny, bfloat16)" and row["size"] == "64×64"
+    assert row["max_pixel_diff"] == 0
+    assert 0 < row["diffusers_s_per_step"] < row["diffusers_s_per_item"]
+    assert 0 < row["stagediff_s_per_step"] < row["stagediff_s_per_item"]
+    table = "\n".join(bench.gpu_markdown({"device": "this machine", "rows": [row]}))
+    assert "| sdxl | sdxl (tiny, bfloat16) | 3 | 64×64 |" in table and "an anchor" in table

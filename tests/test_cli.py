@@ -116,3 +116,22 @@ def test_small_scale_denoisers_are_benchmark_sized(module, model_class):
         small = getattr(diffusers, model_class)(**sizes["small"])
     parameters = sum(p.numel() for p in small.parameters())
     assert 40e6 < parameters < 120e6, parameters
+
+
+@pytest.mark.parametrize("module, published", [("sdxl", 2_567_463_684), ("flux1", 11_901_408_320), ("wan", 1_418_996_800)])
+def test_full_scale_denoisers_are_the_real_architectures(module, published):
+    """`full` is the real denoiser: exactly the published checkpoints' parameter counts (SDXL base UNet,
+    FLUX.1-dev transformer, Wan 2.1 T2V 1.3B), built on the meta device."""
+    import importlib
+
+    import torch
+
+    with torch.device("meta"):
+        denoiser = importlib.import_module(f"stagediff.tiny.{module}").denoiser("full")
+    assert sum(p.numel() for p in denoiser.parameters()) == published
+
+
+def test_full_scale_is_refused_for_families_it_does_not_cover(tmp_path, capsys):
+    assert main(["tiny-model", "flux2", str(tmp_path / "model"), "--scale", "full"]) == 2
+    assert "scale 'full' is not built for 'flux2'" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()

@@ -1,5 +1,6 @@
 """Random-init models of each family's real architecture: `tiny` for tests and the demo, `small`
-(denoisers of roughly 50-100M parameters, so that their compute dominates) for benchmarks."""
+(denoisers of roughly 50-100M parameters, so that their compute dominates) for CPU benchmarks, `full`
+(the real denoiser and VAE, text encoders of the real width with two layers) for GPU benchmarks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 from stagediff.errors import StagediffError
 
-SCALES = ("tiny", "small")
+SCALES = ("tiny", "small", "full")
+FULL_SCALE = ("sdxl", "flux1", "flux1-schnell", "wan")
+"""The families whose real sizes are built (those the GPU benchmark measures)."""
 
 # name -> "module" (its `build`) or "module:function" for a variant built by another function.
 BUILDERS = {
@@ -29,6 +32,8 @@ def build_tiny_model(family: str, folder: Path, scale: str = "tiny") -> Path:
         raise StagediffError(f"unknown family {family!r} for tiny-model (choose from {', '.join(BUILDERS)})")
     if scale not in SCALES:
         raise StagediffError(f"unknown scale {scale!r} for tiny-model (choose from {', '.join(SCALES)})")
+    if scale == "full" and family not in FULL_SCALE:
+        raise StagediffError(f"scale 'full' is not built for {family!r} (only for {', '.join(FULL_SCALE)})")
     module_name, _, function = BUILDERS[family].partition(":")
     build = getattr(importlib.import_module(module_name), function or "build")
     return build(Path(folder), scale=scale)

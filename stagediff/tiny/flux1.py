@@ -10,15 +10,32 @@ import torch
 
 from stagediff.tiny.tokenizers import CLIP_SPECIAL_TOKENS, clip_vocab, save_clip_tokenizer, save_t5_tokenizer
 
-CLIP_HIDDEN = 32
-T5_HIDDEN = 32
-LATENT_CHANNELS = 4
 TRANSFORMER_SCALES = {
     "tiny": dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6)),
     "small": dict(num_layers=4, num_single_layers=8, num_attention_heads=8, attention_head_dim=64,
                   axes_dims_rope=(16, 24, 24)),
+    "full": dict(num_layers=19, num_single_layers=38, num_attention_heads=24, attention_head_dim=128,
+                 axes_dims_rope=(16, 56, 56)),
 }
-"""FluxTransformer2DModel sizes by scale (small: ~55M parameters)."""
+"""FluxTransformer2DModel sizes by scale (small: ~70M parameters; full: FLUX.1's 12B)."""
+SMALL_PARTS = {
+    "clip": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2),
+    "t5": dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4),
+    "latent_channels": 4,
+    "vae": dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=32),
+}
+PARTS = {
+    "tiny": SMALL_PARTS,
+    "small": SMALL_PARTS,
+    # FLUX.1's VAE; CLIP-L and T5-XXL at their real widths with two layers.
+    "full": {
+        "clip": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=2),
+        "t5": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, feed_forward_proj="gated-gelu"),
+        "latent_channels": 16,
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024),
+    },
+}
+"""Text encoders and VAE by scale."""
 
 
 def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
@@ -31,19 +48,28 @@ def build_schnell(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
     return _build(Path(folder), seed, scale, guidance_embeds=False)
 
 
-def _build(folder: Path, seed: int, scale: str, guidance_embeds: bool) -> Path:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+def denoiser(scale: str, guidance_embeds: bool = True):
+    """The random-init FluxTransformer2DModel of `scale` (on the current default device)."""
+    from diffusers import FluxTransformer2DModel
 
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
+    parts = PARTS[scale]
+    return FluxTransformer2DModel(
         patch_size=1,
-        in_channels=4 * LATENT_CHANNELS,
-        joint_attention_dim=T5_HIDDEN,
-        pooled_projection_dim=CLIP_HIDDEN,
+        in_channels=4 * parts["latent_channels"],
+        joint_attention_dim=parts["t5"]["d_model"],
+        pooled_projection_dim=parts["clip"]["hidden_size"],
         guidance_embeds=guidance_embeds,
         **TRANSFORMER_SCALES[scale],
     )
+
+
+def _build(folder: Path, seed: int, scale: str, guidance_embeds: bool) -> Path:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    parts = PARTS[scale]
+    torch.manual_seed(seed)
+    transformer = denoiser(scale, guidance_embeds)
     # FLUX.1-dev shifts the schedule with the image size; schnell uses a fixed shift of 1.
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0 if guidance_embeds else 1.0,
@@ -56,15 +82,12 @@ def _build(folder: Path, seed: int, scale: str, guidance_embeds: bool) -> Path:
     torch.manual_seed(seed + 1)
     # Four blocks: the VAE factor of 8 that the pipeline also assumes when its VAE is not loaded.
     vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=LATENT_CHANNELS,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
+        latent_channels=parts["latent_channels"],
+        **parts["vae"],
         scaling_factor=0.3611,
         shift_factor=0.1159,
         use_quant_conv=False,
@@ -77,12 +100,9 @@ def _build(folder: Path, seed: int, scale: str, guidance_embeds: bool) -> Path:
             bos_token_id=vocab[CLIP_SPECIAL_TOKENS[0]],
             eos_token_id=vocab[CLIP_SPECIAL_TOKENS[1]],
             pad_token_id=vocab[CLIP_SPECIAL_TOKENS[1]],
-            hidden_size=CLIP_HIDDEN,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
             vocab_size=len(vocab),
-            projection_dim=CLIP_HIDDEN,
+            projection_dim=parts["clip"]["hidden_size"],
+            **parts["clip"],
         )
     )
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,12 +112,8 @@ def _build(folder: Path, seed: int, scale: str, guidance_embeds: bool) -> Path:
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer_2),
-            d_model=T5_HIDDEN,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
             relative_attention_num_buckets=8,
+            **parts["t5"],
             pad_token_id=tokenizer_2.pad_token_id,
             eos_token_id=tokenizer_2.eos_token_id,
             decoder_start_token_id=tokenizer_2.pad_token_id,

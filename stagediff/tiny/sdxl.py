@@ -8,49 +8,72 @@ import torch
 
 from stagediff.tiny.tokenizers import CLIP_SPECIAL_TOKENS, clip_vocab, save_clip_tokenizer
 
-TIME_EMBED_DIM = 8
 
+
+def _text(hidden: int, layers: int, heads: int, intermediate: int) -> dict:
+    return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "intermediate_size": intermediate, "projection_dim": hidden}
+
+
+TWO_LEVELS = {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+              "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D")}
+SMALL_VAE = {"block_out_channels": (16, 32, 32, 32), "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 128}
 SCALES = {
     "tiny": {
-        "text_hidden": 32, "text_layers": 5, "text_heads": 4, "text_intermediate": 37,
-        "unet_channels": (32, 64), "unet_heads": (2, 4), "unet_transformer_layers": (1, 2), "unet_groups": 1,
-        "sample_size": 16,
+        "text": (_text(32, 5, 4, 37),) * 2, "time_embed": 8, "vae": SMALL_VAE,
+        "unet": dict(block_out_channels=(32, 64), attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
+                     norm_num_groups=1, sample_size=16, **TWO_LEVELS),
     },
     # ~90M parameters: enough that the UNet's compute dominates, as in the real model (benchmarks).
     "small": {
-        "text_hidden": 256, "text_layers": 6, "text_heads": 4, "text_intermediate": 1024,
-        "unet_channels": (128, 320), "unet_heads": (4, 8), "unet_transformer_layers": (1, 2), "unet_groups": 32,
-        "sample_size": 64,
+        "text": (_text(256, 6, 4, 1024),) * 2, "time_embed": 8, "vae": SMALL_VAE,
+        "unet": dict(block_out_channels=(128, 320), attention_head_dim=(4, 8), transformer_layers_per_block=(1, 2),
+                     norm_num_groups=32, sample_size=64, **TWO_LEVELS),
+    },
+    # The real SDXL UNet (2.6B parameters) and VAE; CLIP encoders of the real widths with two layers.
+    "full": {
+        "text": (_text(768, 2, 12, 3072), _text(1280, 2, 20, 5120)), "time_embed": 256,
+        "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32,
+                "sample_size": 1024},
+        "unet": dict(block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+                     transformer_layers_per_block=(1, 2, 10), norm_num_groups=32, sample_size=128,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
     },
 }
-"""Model sizes by name: `tiny` for tests and the demo, `small` for benchmarks."""
+"""Model sizes by name: `tiny` for tests and the demo, `small` for CPU benchmarks, `full` for GPU benchmarks."""
+
+
+def denoiser(scale: str):
+    """The random-init UNet of `scale` (on the current default device)."""
+    from diffusers import UNet2DConditionModel
+
+    dims = SCALES[scale]
+    text, text_2 = dims["text"]
+    return UNet2DConditionModel(
+        layers_per_block=2,
+        in_channels=4,
+        out_channels=4,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=dims["time_embed"],
+        # The pooled embedding comes from the second encoder; cross-attention reads both, concatenated.
+        projection_class_embeddings_input_dim=6 * dims["time_embed"] + text_2["hidden_size"],
+        cross_attention_dim=text["hidden_size"] + text_2["hidden_size"],
+        **dims["unet"],
+    )
 
 
 def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
     """Write a random-init SDXL checkpoint of the given scale (diffusers layout) to `folder`."""
     dims = SCALES[scale]
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab = clip_vocab()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=dims["unet_channels"],
-        layers_per_block=2,
-        sample_size=dims["sample_size"],
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=dims["unet_heads"],
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        transformer_layers_per_block=dims["unet_transformer_layers"],
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + dims["text_hidden"],
-        cross_attention_dim=2 * dims["text_hidden"],
-        norm_num_groups=dims["unet_groups"],
-    )
+    unet = denoiser(scale)
+    text, text_2 = dims["text"]
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -62,34 +85,21 @@ def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
-        block_out_channels=(16, 32, 32, 32),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
         scaling_factor=0.13025,
+        **dims["vae"],
     )
-    text_config = CLIPTextConfig(
-        bos_token_id=vocab[CLIP_SPECIAL_TOKENS[0]],
-        eos_token_id=vocab[CLIP_SPECIAL_TOKENS[1]],
-        pad_token_id=vocab[CLIP_SPECIAL_TOKENS[1]],
-        hidden_size=dims["text_hidden"],
-        intermediate_size=dims["text_intermediate"],
-        layer_norm_eps=1e-05,
-        num_attention_heads=dims["text_heads"],
-        num_hidden_layers=dims["text_layers"],
-        vocab_size=len(vocab),
-        hidden_act="gelu",
-        projection_dim=dims["text_hidden"],
-    )
+    shared = {"bos_token_id": vocab[CLIP_SPECIAL_TOKENS[0]], "eos_token_id": vocab[CLIP_SPECIAL_TOKENS[1]],
+              "pad_token_id": vocab[CLIP_SPECIAL_TOKENS[1]], "vocab_size": len(vocab), "layer_norm_eps": 1e-05,
+              "hidden_act": "gelu"}
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**shared, **text))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**shared, **text_2))
 
     folder = Path(folder)
     tokenizer = save_clip_tokenizer(folder / "tokenizer")
