@@ -107,7 +107,10 @@ class FamilyAdapter(ABC):
         """Encode one prompt and its negative prompt (None: the pipeline's own default) into named
         embedding tensors, batch size 1."""
 
-    @abstractmethod
+    def guidance_arguments(self, settings: Settings) -> dict:
+        """The pipeline call's guidance arguments for these settings (the CFG scale by default)."""
+        return {"guidance_scale": settings.guidance}
+
     def denoise(
         self,
         pipe,
@@ -117,7 +120,19 @@ class FamilyAdapter(ABC):
         on_step: StepCallback | None = None,
     ) -> torch.Tensor:
         """Run the denoise loop for a batch of items; return latents `[B, ...]` as the pipeline's
-        `output_type="latent"` would, item i drawn with `generators[i]` from `embeddings[i]`."""
+        `output_type="latent"` would, item i drawn with `generators[i]` from `embeddings[i]`. By
+        default: the pipeline itself, called with the stacked embeddings in place of prompts."""
+        device = pipe._execution_device
+        return pipe(
+            **{name: tensor.to(device) for name, tensor in stack_embeddings(embeddings).items()},
+            **self.guidance_arguments(settings),
+            num_inference_steps=settings.steps,
+            height=settings.height,
+            width=settings.width,
+            generator=generators,
+            output_type="latent",
+            callback_on_step_end=step_reporter(on_step, settings.steps),
+        ).images
 
     @abstractmethod
     def decode(self, pipe, latents: torch.Tensor, settings: Settings) -> Iterator[np.ndarray]:

@@ -8,7 +8,7 @@ from abc import abstractmethod
 
 import torch
 
-from stagediff.families.base import FamilyAdapter, Settings, stack_embeddings, step_reporter, to_uint8_frames
+from stagediff.families.base import FamilyAdapter, Settings, to_uint8_frames
 
 DEFAULT_SAMPLE_SIZE = 128
 """The pipelines' `default_sample_size`, in latent pixels: 1024 image pixels with a VAE factor of 8."""
@@ -29,10 +29,6 @@ class FluxFamily(FamilyAdapter):
     def default_extras(self, model_index: dict, config_of) -> dict:
         """Family options beyond the common settings, with their defaults."""
         return {}
-
-    @abstractmethod
-    def guidance_arguments(self, settings: Settings) -> dict:
-        """The pipeline call's guidance arguments for these settings."""
 
     @abstractmethod
     def latents_for_vae(self, pipe, latents: torch.Tensor, settings: Settings) -> torch.Tensor:
@@ -58,20 +54,6 @@ class FluxFamily(FamilyAdapter):
 
     def encoder_settings(self, settings):
         return {"max_sequence_length": MAX_SEQUENCE_LENGTH}
-
-    def denoise(self, pipe, embeddings, generators, settings, on_step=None):
-        batch = stack_embeddings(embeddings)
-        device = pipe._execution_device
-        return pipe(
-            **{name: tensor.to(device) for name, tensor in batch.items()},
-            **self.guidance_arguments(settings),
-            num_inference_steps=settings.steps,
-            height=settings.height,
-            width=settings.width,
-            generator=generators,
-            output_type="latent",
-            callback_on_step_end=step_reporter(on_step, settings.steps),
-        ).images
 
     def decode(self, pipe, latents, settings):
         vae = pipe.vae

@@ -42,9 +42,6 @@ class Flux2Family(FluxFamily):
         )
         return embeds
 
-    def guidance_arguments(self, settings):
-        return {"guidance_scale": settings.guidance}
-
 
 class Flux2(Flux2Family):
     """FLUX.2-dev: embedded guidance, no negative prompt."""

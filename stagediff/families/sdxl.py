@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stagediff.families.base import FamilyAdapter, Settings, stack_embeddings, step_reporter, to_uint8_frames
+from stagediff.families.base import FamilyAdapter, Settings, to_uint8_frames
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 5.0
@@ -45,20 +45,6 @@ class SDXL(FamilyAdapter):
             "pooled_prompt_embeds": pooled,
             "negative_pooled_prompt_embeds": negative_pooled,
         }
-
-    def denoise(self, pipe, embeddings, generators, settings, on_step=None):
-        batch = stack_embeddings(embeddings)
-        device = pipe._execution_device
-        return pipe(
-            **{name: tensor.to(device) for name, tensor in batch.items()},
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
-            height=settings.height,
-            width=settings.width,
-            generator=generators,
-            output_type="latent",
-            callback_on_step_end=step_reporter(on_step, settings.steps),
-        ).images
 
     def decode(self, pipe, latents, settings):
         vae = pipe.vae
