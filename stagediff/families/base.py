@@ -57,6 +57,8 @@ class FamilyAdapter(ABC):
     default_negative_prompt: str = ""
     uses_negative_prompt: bool = True
     """False for families whose pipeline takes no negative prompt: asking for one is an error."""
+    latents_field: str = "images"
+    """The field of the pipeline's output that holds latents with `output_type="latent"`."""
 
     @abstractmethod
     def pipeline_class(self) -> type:
@@ -122,9 +124,14 @@ class FamilyAdapter(ABC):
         """Run the denoise loop for a batch of items; return latents `[B, ...]` as the pipeline's
         `output_type="latent"` would, item i drawn with `generators[i]` from `embeddings[i]`. By
         default: the pipeline itself, called with the stacked embeddings in place of prompts."""
-        device = pipe._execution_device
-        return pipe(
-            **{name: tensor.to(device) for name, tensor in stack_embeddings(embeddings).items()},
+        return self.call_pipeline(pipe, batch_on_device(pipe, embeddings), generators, settings, on_step)
+
+    def call_pipeline(self, pipe, batch: dict[str, torch.Tensor], generators, settings: Settings,
+                      on_step: StepCallback | None = None, **arguments) -> torch.Tensor:
+        """Call the pipeline on embedding tensors (already on its device) for latents; `arguments` are
+        the family's further call arguments."""
+        output = pipe(
+            **batch,
             **self.guidance_arguments(settings),
             num_inference_steps=settings.steps,
             height=settings.height,
@@ -132,7 +139,9 @@ class FamilyAdapter(ABC):
             generator=generators,
             output_type="latent",
             callback_on_step_end=step_reporter(on_step, settings.steps),
-        ).images
+            **arguments,
+        )
+        return getattr(output, self.latents_field)
 
     @abstractmethod
     def decode(self, pipe, latents: torch.Tensor, settings: Settings) -> Iterator[np.ndarray]:
@@ -140,9 +149,10 @@ class FamilyAdapter(ABC):
         as they are decoded (one chunk of one frame for images)."""
 
 
-def stack_embeddings(embeddings: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate per-item embedding dicts along the batch dimension."""
-    return {name: torch.cat([item[name] for item in embeddings]) for name in embeddings[0]}
+def batch_on_device(pipe, embeddings: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-item embedding dicts concatenated along the batch dimension, on the pipeline's device."""
+    device = pipe._execution_device
+    return {name: torch.cat([item[name] for item in embeddings]).to(device) for name in embeddings[0]}
 
 
 def step_reporter(on_step: StepCallback | None, total: int):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from stagediff.errors import StagediffError
-from stagediff.families.base import FamilyAdapter, Settings, stack_embeddings, step_reporter, to_uint8_frames
+from stagediff.families.base import FamilyAdapter, Settings, batch_on_device, to_uint8_frames
 
 DEFAULTS = {"steps": 50, "guidance": 5.0, "height": 480, "width": 832, "frames": 81, "fps": 16}
 """WanPipeline's call defaults (480p, 81 frames) and Wan's native 16 frames per second."""
@@ -59,6 +59,7 @@ class Wan(FamilyAdapter):
     denoise_components = ("scheduler", "transformer")
     decode_components = ("vae",)
     denoiser_component = "transformer"
+    latents_field = "frames"
     media_extension = "mp4"
 
     def pipeline_class(self):
@@ -98,27 +99,14 @@ class Wan(FamilyAdapter):
         return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
 
     def denoise(self, pipe, embeddings, generators, settings, on_step=None):
-        batch = stack_embeddings(embeddings)
-        device = pipe._execution_device
-        cond = batch["prompt_embeds"].to(device)
-        uncond = batch["negative_prompt_embeds"].to(device)
+        batch = batch_on_device(pipe, embeddings)
         if "flow_shift" in settings.extras:
             pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=settings.extras["flow_shift"])
         transformer = pipe.transformer
-        object.__setattr__(pipe, "transformer", PairedGuidanceTransformer(transformer, cond, uncond))
+        paired = PairedGuidanceTransformer(transformer, batch["prompt_embeds"], batch["negative_prompt_embeds"])
+        object.__setattr__(pipe, "transformer", paired)
         try:
-            return pipe(
-                prompt_embeds=cond,
-                negative_prompt_embeds=uncond,
-                height=settings.height,
-                width=settings.width,
-                num_frames=settings.frames,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance,
-                generator=generators,
-                output_type="latent",
-                callback_on_step_end=step_reporter(on_step, settings.steps),
-            ).frames
+            return self.call_pipeline(pipe, batch, generators, settings, on_step, num_frames=settings.frames)
         finally:
             object.__setattr__(pipe, "transformer", transformer)
 
