@@ -7,8 +7,8 @@ reuse, orchestration overhead. Writes benchmarks/results/<date>-<host>.json and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
-import io
 import json
 import os
 import platform
@@ -85,26 +85,31 @@ def run_workload(name: str, args: dict, env: dict | None = None) -> dict:
 
 
 def model_folder(name: str, scale: str) -> str:
-    """The random-init checkpoint, built once. `full` models are built on the accelerator in bf16 (a
-    FLUX.1 transformer is 24 GB even so)."""
-    import torch
-
-    from stagediff.backends import torch_device
+    """The random-init checkpoint, built once; `full` models on the accelerator in bf16 (a FLUX.1
+    transformer is 24 GB even so)."""
     from stagediff.tiny import build_tiny_model
 
     folder = WORK / "models" / f"{name}-{scale}"
     if not (folder / "model_index.json").exists():
-        if scale != "full":
+        with bf16_on_accelerator() if scale == "full" else contextlib.nullcontext():
             build_tiny_model(name, folder, scale)
-            return str(folder)
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device(torch_device()):
-                build_tiny_model(name, folder, scale)
-        finally:
-            torch.set_default_dtype(default_dtype)
     return str(folder)
+
+
+@contextlib.contextmanager
+def bf16_on_accelerator():
+    """New tensors in bf16 on the torch device (the GPU when there is one)."""
+    import torch
+
+    from stagediff.backends import torch_device
+
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(torch_device()):
+            yield
+    finally:
+        torch.set_default_dtype(default_dtype)
 
 
 def read_frames(path: str) -> np.ndarray:

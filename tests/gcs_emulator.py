@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import http.server
-import os
 import socket
 import stat
 import subprocess

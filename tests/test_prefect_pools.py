@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
 from prefect.states import AwaitingRetry, Crashed
 
 from flows.local_stack import LocalStack
 from helpers import snapshot
-
 
 
 @pytest.fixture(scope="module")

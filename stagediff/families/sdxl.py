@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from stagediff.families.base import FamilyAdapter, Settings, to_uint8_frames
