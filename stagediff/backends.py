@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
@@ -30,15 +31,16 @@ def _jax_platform() -> str:
         return "none"
 
 
-def default_mesh(backend: str, batch_size: int, model_bytes: int) -> str | None:
+def default_mesh(backend: str, batch_size: int, weights: Path) -> str | None:
     """The mesh when `--mesh` is not given: on a multi-chip TPU host, `tpu_ops.mesh.default_mesh_spec`
-    for this model and batch; elsewhere none (one device)."""
+    for the model whose safetensors are in `weights` and this batch; elsewhere none (one device)."""
     if backend != "torchax" or _jax_platform() != "tpu":
         return None
     import jax
 
     from tpu_ops.mesh import default_mesh_spec
 
+    model_bytes = sum(file.stat().st_size for file in weights.glob("*.safetensors"))
     memory = jax.local_devices()[0].memory_stats() or {}
     return default_mesh_spec(jax.device_count(), batch_size, model_bytes, memory.get("bytes_limit"))
 

@@ -58,8 +58,7 @@ def _stage_pipeline(plan: Plan, stage: str, backend: str) -> tuple[_Loaded, floa
     """The stage's pipeline (only its components loaded), kept for the next call with the same key."""
     mesh = plan.request.mesh
     if stage == DENOISE and mesh is None:
-        weights = plan.model.folder / plan.family.denoiser_component
-        mesh = default_mesh(backend, plan.request.batch_size, sum(f.stat().st_size for f in weights.glob("*.safetensors")))
+        mesh = default_mesh(backend, plan.request.batch_size, plan.model.folder / plan.family.denoiser_component)
     key = (str(plan.model.folder), plan.settings.dtype, backend, mesh)
     loaded = _loaded.get(stage)
     if loaded is not None and loaded.key == key:

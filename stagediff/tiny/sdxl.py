@@ -9,7 +9,6 @@ import torch
 from stagediff.tiny.tokenizers import CLIP_SPECIAL_TOKENS, clip_vocab, save_clip_tokenizer
 
 
-
 def _text(hidden: int, layers: int, heads: int, intermediate: int) -> dict:
     return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
             "intermediate_size": intermediate, "projection_dim": hidden}
