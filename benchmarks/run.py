@@ -1,7 +1,7 @@
 """`make bench`: stagediff against a plain diffusers loop, where the time goes, stage memory, compile
 reuse, orchestration overhead. Writes benchmarks/results/<date>-<host>.json and .md and prints the table.
 
-    python benchmarks/run.py [--quick]
+    python benchmarks/run.py [--quick | --gpu-only [--gpu-families sdxl,flux1,wan] | --real-memory]
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ FULL = {
     "wan": Case("wan", "small", 6, 64, 64, 17),
 }
 QUICK = {"sdxl": Case("sdxl", "tiny", 2, 64, 64)}
+# Real-size architectures (random weights, bf16) for peak memory on this machine: one step at a small
+# size, so that the weights dominate, as they do at real sizes. FLUX.1 (34 GB in bf16) needs more RAM.
+REAL_MEMORY = {"sdxl": Case("sdxl", "full", 1, 256, 256), "wan": Case("wan", "full", 1, 96, 96, 5)}
 # Real-size architectures (random weights, bf16) on a GPU, with the anchors from the issue and the
 # reference systems' READMEs.
 GPU = {
@@ -153,14 +156,15 @@ def sweep(family: str, case: Case, prompts: int, seeds: int) -> dict:
     }
 
 
-def memory(family: str, case: Case) -> dict:
-    base = {"model": model_folder(case.model, case.scale), "prompts": PROMPTS[:1], "seeds": [0],
-            "store": str(WORK / "stores" / f"memory-{family}"), **case.arguments()}
+def memory(family: str, case: Case, dtype: str = "float32") -> dict:
+    base = {"model": model_folder(case.model, case.scale), "prompts": PROMPTS[:1], "seeds": [0], "dtype": dtype,
+            "store": str(WORK / "stores" / f"memory-{family}-{case.scale}"), **case.arguments()}
     shutil.rmtree(base["store"], ignore_errors=True)
     peaks = {name: run_workload("stage", {**base, "stage": name})["max_rss_mb"]
              for name in ("encode", "denoise", "decode")}
-    full = run_workload("full_pipeline", {**base, "out": str(WORK / "plain" / f"memory-{family}")})["max_rss_mb"]
-    return {"family": family, **{k: round(v) for k, v in peaks.items()}, "full_pipeline": round(full)}
+    full = run_workload("full_pipeline", {**base, "out": str(WORK / "plain" / f"memory-{family}-{case.scale}")})
+    return {"family": family, "model": f"{case.model} ({case.scale}, {dtype})", "size": case.size,
+            **{k: round(v) for k, v in peaks.items()}, "full_pipeline": round(full["max_rss_mb"])}
 
 
 def compile_reuse() -> dict:
@@ -256,18 +260,23 @@ def markdown(report: dict) -> str:
     lines = [f"# stagediff benchmarks — {report['date']} on {report['machine']}", ""]
     if "sweep" in report:
         lines += sweep_markdown(report["sweep"])
-    if "memory" in report:
-        lines += ["", "## 3. Peak memory (RSS, MB) per stage process vs the full pipeline", "",
-                  "| family | encode | denoise | decode | full pipeline |", "|---|---|---|---|---|"]
-        lines += [f"| {row['family']} | {row['encode']} | {row['denoise']} | {row['decode']} | {row['full_pipeline']} |"
-                  for row in report["memory"]]
+    for key, title in (("memory", "3. Peak memory (RSS, MB) per stage process vs the full pipeline"),
+                       ("real_memory", "3b. Peak memory (RSS, MB) at real size: the published architectures, "
+                                       "random weights in bf16, one step")):
+        if key in report:
+            lines += ["", f"## {title}", "", "| family | model | size | encode | denoise | decode | full pipeline |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {row['family']} | {row['model']} | {row['size']} | {row['encode']} | {row['denoise']} | "
+                      f"{row['decode']} | {row['full_pipeline']} |" for row in report[key]]
     for key, title, unit in (("compile", "4. Compile (torchax, tiny SDXL)", "value"),
                              ("orchestration", "5. Orchestration overhead (tiny SDXL, 8 items)", "seconds")):
         if key in report:
             lines += ["", f"## {title}", "", f"| measure | {unit} |", "|---|---|"]
             lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
                       for k, v in report[key].items()]
-    lines += ["", "## 6. GPU: real-size architectures, random weights", ""] + gpu_markdown(report["gpu"]) + [""]
+    if "gpu" in report:
+        lines += ["", "## 6. GPU: real-size architectures, random weights", ""] + gpu_markdown(report["gpu"])
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -308,6 +317,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--gpu-only", action="store_true", help="only section 6 (real-size models on the GPU)")
     parser.add_argument("--gpu-families", default=",".join(GPU), help="families for section 6, comma-separated")
+    parser.add_argument("--real-memory", action="store_true",
+                        help="only section 3b (real-size SDXL and Wan in bf16: 21 GB of disk, 13 GB of RAM, "
+                             "about 6 minutes on 2 cores)")
     args = parser.parse_args()
     gpu_families = args.gpu_families.split(",")
     unknown = [family for family in gpu_families if family not in GPU]
@@ -323,14 +335,17 @@ def main() -> None:
                    f"torch {torch.__version__}, {torch.get_num_threads()} threads",
         "quick": args.quick,
     }
-    if not args.gpu_only:
+    if args.real_memory:
+        report["real_memory"] = [memory(family, case, "bfloat16") for family, case in REAL_MEMORY.items()]
+    elif not args.gpu_only:
         report["sweep"] = [sweep(family, case, prompts, seeds) for family, case in families.items()]
         report["memory"] = [memory(family, case) for family, case in families.items()]
         report["compile"] = compile_reuse()
         report["orchestration"] = orchestration(pooled=not args.quick)
-    report["gpu"] = {"skipped": "quick mode"} if args.quick else gpu(gpu_families)
+    if not args.real_memory:
+        report["gpu"] = {"skipped": "quick mode"} if args.quick else gpu(gpu_families)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else "-gpu" if args.gpu_only else ""
+    suffix = "-quick" if args.quick else "-gpu" if args.gpu_only else "-real-memory" if args.real_memory else ""
     stem = RESULTS / f"{report['date']}-{socket.gethostname()}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     table = markdown(report)

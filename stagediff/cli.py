@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("family", help="sdxl, flux1, flux1-schnell, flux2, flux2-klein, flux2-klein-base or wan")
     tiny.add_argument("folder", help="where to write the checkpoint (diffusers layout)")
     tiny.add_argument("--scale", default="tiny", help="tiny (tests, demo), small (CPU benchmarks: ~50-100M "
-                      "parameter denoisers) or full (real-size denoiser and VAE: sdxl, flux1, wan)")
+                      "parameter denoisers) or full (the real architectures: sdxl, flux1, flux1-schnell, wan)")
     return parser
 
 

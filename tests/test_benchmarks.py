@@ -37,3 +37,16 @@ def test_gpu_section_code_path_runs_on_this_device_at_tiny_scale(tmp_path, monke
     assert 0 < row["stagediff_s_per_step"] < row["stagediff_s_per_item"]
     table = "\n".join(bench.gpu_markdown({"device": "this machine", "rows": [row]}))
     assert "| sdxl | sdxl (tiny, bfloat16) | 3 | 64×64 |" in table and "an anchor" in table
+
+
+def test_memory_section_measures_each_stage_process_and_the_full_pipeline(tmp_path, monkeypatch):
+    """Sections 3 and 3b (`--real-memory` runs it on the `full` models in bf16) here with the tiny model:
+    each stage and the full pipeline in a process of its own, then its table."""
+    monkeypatch.setattr(bench, "WORK", tmp_path)
+    row = bench.memory("sdxl", bench.QUICK["sdxl"], "bfloat16")
+
+    assert row["model"] == "sdxl (tiny, bfloat16)"
+    # Every process imports torch and diffusers (hundreds of MB) before it loads anything.
+    assert all(row[name] > 100 for name in ("encode", "denoise", "decode", "full_pipeline")), row
+    table = bench.markdown({"date": "d", "machine": "m", "real_memory": [row]})
+    assert "## 3b." in table and "| sdxl | sdxl (tiny, bfloat16) | 64×64 |" in table and "## 6." not in table

@@ -131,6 +131,24 @@ def test_full_scale_denoisers_are_the_real_architectures(module, published):
     assert sum(p.numel() for p in denoiser.parameters()) == published
 
 
+@pytest.mark.parametrize("module, published", [
+    ("sdxl", (123_060_480, 694_659_840)), ("flux1", (123_060_480, 4_762_310_656)), ("wan", (5_680_910_336,)),
+])
+def test_full_scale_text_encoders_are_the_real_ones(module, published, tmp_path):
+    """`full` text encoders have the published parameter counts (CLIP ViT-L, OpenCLIP bigG with its
+    projection, T5-XXL and UMT5-XXL encoders), built on the meta device."""
+    import importlib
+
+    import torch
+
+    from stagediff.tiny.tokenizers import save_t5_tokenizer
+
+    t5_tokenizer = () if module == "sdxl" else (save_t5_tokenizer(tmp_path),)
+    with torch.device("meta"):
+        encoders = importlib.import_module(f"stagediff.tiny.{module}").text_encoders("full", *t5_tokenizer)
+    assert tuple(sum(p.numel() for p in encoder.parameters()) for encoder in encoders) == published
+
+
 def test_full_scale_is_refused_for_families_it_does_not_cover(tmp_path, capsys):
     assert main(["tiny-model", "flux2", str(tmp_path / "model"), "--scale", "full"]) == 2
     assert "scale 'full' is not built for 'flux2'" in capsys.readouterr().err

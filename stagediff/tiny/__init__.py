@@ -1,6 +1,6 @@
 """Random-init models of each family's real architecture: `tiny` for tests and the demo, `small`
 (denoisers of roughly 50-100M parameters, so that their compute dominates) for CPU benchmarks, `full`
-(the real denoiser and VAE, text encoders of the real width with two layers) for GPU benchmarks."""
+(the real denoiser, VAE and text encoders) for GPU benchmarks and the real-size memory measurement."""
 
 from __future__ import annotations
 

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import torch
 
-from stagediff.tiny.tokenizers import CLIP_SPECIAL_TOKENS, clip_vocab, save_clip_tokenizer, save_t5_tokenizer
+from stagediff.tiny.tokenizers import (
+    CLIP_SPECIAL_TOKENS,
+    clip_vocab,
+    save_clip_tokenizer,
+    save_t5_tokenizer,
+    t5_config_ids,
+)
 
 TRANSFORMER_SCALES = {
     "tiny": dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6)),
@@ -27,10 +33,13 @@ SMALL_PARTS = {
 PARTS = {
     "tiny": SMALL_PARTS,
     "small": SMALL_PARTS,
-    # FLUX.1's VAE; CLIP-L and T5-XXL at their real widths with two layers.
+    # FLUX.1's VAE and text encoders: CLIP ViT-L and T5-XXL (real vocabulary sizes; the small offline
+    # tokenizers' ids stay inside them).
     "full": {
-        "clip": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=2),
-        "t5": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, feed_forward_proj="gated-gelu"),
+        "clip": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                     vocab_size=49408, hidden_act="quick_gelu"),
+        "t5": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+                   vocab_size=32128, relative_attention_num_buckets=32),
         "latent_channels": 16,
         "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024),
     },
@@ -63,9 +72,25 @@ def denoiser(scale: str, guidance_embeds: bool = True):
     )
 
 
+def text_encoders(scale: str, t5_tokenizer, seed: int = 0) -> tuple:
+    """The random-init CLIP and T5 encoders of `scale` (on the current default device)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    parts = PARTS[scale]
+    vocab = clip_vocab()
+    torch.manual_seed(seed + 2)
+    clip = CLIPTextModel(CLIPTextConfig(**{
+        "bos_token_id": vocab[CLIP_SPECIAL_TOKENS[0]], "eos_token_id": vocab[CLIP_SPECIAL_TOKENS[1]],
+        "pad_token_id": vocab[CLIP_SPECIAL_TOKENS[1]], "vocab_size": len(vocab),
+        "projection_dim": parts["clip"]["hidden_size"], **parts["clip"],
+    }))
+    torch.manual_seed(seed + 3)
+    t5 = T5EncoderModel(T5Config(**{**t5_config_ids(t5_tokenizer), "relative_attention_num_buckets": 8, **parts["t5"]}))
+    return clip, t5
+
+
 def _build(folder: Path, seed: int, scale: str, guidance_embeds: bool) -> Path:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     parts = PARTS[scale]
     torch.manual_seed(seed)
@@ -93,32 +118,10 @@ def _build(folder: Path, seed: int, scale: str, guidance_embeds: bool) -> Path:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    vocab = clip_vocab()
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=vocab[CLIP_SPECIAL_TOKENS[0]],
-            eos_token_id=vocab[CLIP_SPECIAL_TOKENS[1]],
-            pad_token_id=vocab[CLIP_SPECIAL_TOKENS[1]],
-            vocab_size=len(vocab),
-            projection_dim=parts["clip"]["hidden_size"],
-            **parts["clip"],
-        )
-    )
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = save_clip_tokenizer(folder / "tokenizer")
     tokenizer_2 = save_t5_tokenizer(folder / "tokenizer_2")
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            relative_attention_num_buckets=8,
-            **parts["t5"],
-            pad_token_id=tokenizer_2.pad_token_id,
-            eos_token_id=tokenizer_2.eos_token_id,
-            decoder_start_token_id=tokenizer_2.pad_token_id,
-        )
-    )
+    text_encoder, text_encoder_2 = text_encoders(scale, tokenizer_2, seed)
     pipeline = FluxPipeline(
         scheduler=scheduler,
         vae=vae,

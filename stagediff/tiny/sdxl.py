@@ -29,9 +29,10 @@ SCALES = {
         "unet": dict(block_out_channels=(128, 320), attention_head_dim=(4, 8), transformer_layers_per_block=(1, 2),
                      norm_num_groups=32, sample_size=64, **TWO_LEVELS),
     },
-    # The real SDXL UNet (2.6B parameters) and VAE; CLIP encoders of the real widths with two layers.
+    # The real SDXL: UNet (2.6B parameters), VAE, CLIP ViT-L and OpenCLIP bigG text encoders.
     "full": {
-        "text": (_text(768, 2, 12, 3072), _text(1280, 2, 20, 5120)), "time_embed": 256,
+        "text": ({**_text(768, 12, 12, 3072), "vocab_size": 49408, "hidden_act": "quick_gelu"},
+                 {**_text(1280, 32, 20, 5120), "vocab_size": 49408}), "time_embed": 256,
         "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32,
                 "sample_size": 1024},
         "unet": dict(block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
@@ -63,16 +64,29 @@ def denoiser(scale: str):
     )
 
 
+def text_encoders(scale: str, seed: int = 0) -> tuple:
+    """The random-init CLIP text encoders of `scale` (on the current default device); `full` ones have
+    the real vocabulary size, which the small offline tokenizer's ids stay inside."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vocab = clip_vocab()
+    shared = {"bos_token_id": vocab[CLIP_SPECIAL_TOKENS[0]], "eos_token_id": vocab[CLIP_SPECIAL_TOKENS[1]],
+              "pad_token_id": vocab[CLIP_SPECIAL_TOKENS[1]], "vocab_size": len(vocab), "layer_norm_eps": 1e-05,
+              "hidden_act": "gelu"}
+    text, text_2 = SCALES[scale]["text"]
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**shared, **text}))
+    torch.manual_seed(seed + 3)
+    return text_encoder, CLIPTextModelWithProjection(CLIPTextConfig(**{**shared, **text_2}))
+
+
 def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
     """Write a random-init SDXL checkpoint of the given scale (diffusers layout) to `folder`."""
     dims = SCALES[scale]
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    vocab = clip_vocab()
     torch.manual_seed(seed)
     unet = denoiser(scale)
-    text, text_2 = dims["text"]
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -92,13 +106,7 @@ def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
         scaling_factor=0.13025,
         **dims["vae"],
     )
-    shared = {"bos_token_id": vocab[CLIP_SPECIAL_TOKENS[0]], "eos_token_id": vocab[CLIP_SPECIAL_TOKENS[1]],
-              "pad_token_id": vocab[CLIP_SPECIAL_TOKENS[1]], "vocab_size": len(vocab), "layer_norm_eps": 1e-05,
-              "hidden_act": "gelu"}
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**shared, **text))
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**shared, **text_2))
+    text_encoder, text_encoder_2 = text_encoders(scale, seed)
 
     folder = Path(folder)
     tokenizer = save_clip_tokenizer(folder / "tokenizer")

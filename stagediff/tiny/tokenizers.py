@@ -56,6 +56,12 @@ def save_t5_tokenizer(folder: Path):
     return tokenizer
 
 
+def t5_config_ids(tokenizer) -> dict:
+    """The vocabulary size and special token ids of a T5/UMT5 config that reads `tokenizer`'s ids."""
+    return {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "decoder_start_token_id": tokenizer.pad_token_id}
+
+
 MISTRAL_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
 # Mistral-Small-3 style: system prompt and user turns in brackets; content is a string or a list of text blocks.
 MISTRAL_CHAT_TEMPLATE = (

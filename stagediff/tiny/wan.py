@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from stagediff.tiny.tokenizers import save_t5_tokenizer
+from stagediff.tiny.tokenizers import save_t5_tokenizer, t5_config_ids
 
 FLOW_SHIFT = 3.0
 """Wan 2.1 checkpoints ship flow_shift 3.0 (the 480p setting)."""
@@ -24,9 +24,11 @@ SMALL_PARTS = {
 PARTS = {
     "tiny": SMALL_PARTS,
     "small": SMALL_PARTS,
-    # Wan 2.1's VAE; UMT5-XXL at its real width with two layers.
+    # Wan 2.1's VAE and UMT5-XXL text encoder (its real vocabulary size; the small offline tokenizer's
+    # ids stay inside it).
     "full": {
-        "umt5": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, feed_forward_proj="gated-gelu"),
+        "umt5": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+                     vocab_size=256384, relative_attention_num_buckets=32),
         "vae": dict(base_dim=96, dim_mult=[1, 2, 4, 4], num_res_blocks=2),
     },
 }
@@ -49,10 +51,18 @@ def denoiser(scale: str):
     )
 
 
+def text_encoders(scale: str, tokenizer, seed: int = 0) -> tuple:
+    """The random-init UMT5 text encoder of `scale` (on the current default device), as a 1-tuple."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed + 2)
+    config = UMT5Config(**{**t5_config_ids(tokenizer), "relative_attention_num_buckets": 8, **PARTS[scale]["umt5"]})
+    return (UMT5EncoderModel(config),)
+
+
 def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
     """Write a random-init Wan 2.1 T2V checkpoint (diffusers layout, model_index.json) to `folder`."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,17 +72,7 @@ def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
     transformer = denoiser(scale)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLWan(z_dim=16, temperal_downsample=[False, True, True], **parts["vae"])
-    torch.manual_seed(seed + 2)
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            relative_attention_num_buckets=8,
-            **parts["umt5"],
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    )
+    (text_encoder,) = text_encoders(scale, tokenizer, seed)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT, num_train_timesteps=1000
     )
