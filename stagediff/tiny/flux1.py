@@ -8,13 +8,7 @@ from pathlib import Path
 
 import torch
 
-from stagediff.tiny.tokenizers import (
-    CLIP_SPECIAL_TOKENS,
-    clip_vocab,
-    save_clip_tokenizer,
-    save_t5_tokenizer,
-    t5_config_ids,
-)
+from stagediff.tiny.tokenizers import clip_config_ids, save_clip_tokenizer, save_t5_tokenizer, t5_config_ids
 
 TRANSFORMER_SCALES = {
     "tiny": dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6)),
@@ -77,13 +71,9 @@ def text_encoders(scale: str, t5_tokenizer, seed: int = 0) -> tuple:
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     parts = PARTS[scale]
-    vocab = clip_vocab()
     torch.manual_seed(seed + 2)
-    clip = CLIPTextModel(CLIPTextConfig(**{
-        "bos_token_id": vocab[CLIP_SPECIAL_TOKENS[0]], "eos_token_id": vocab[CLIP_SPECIAL_TOKENS[1]],
-        "pad_token_id": vocab[CLIP_SPECIAL_TOKENS[1]], "vocab_size": len(vocab),
-        "projection_dim": parts["clip"]["hidden_size"], **parts["clip"],
-    }))
+    clip = CLIPTextModel(CLIPTextConfig(**{**clip_config_ids(), "projection_dim": parts["clip"]["hidden_size"],
+                                           **parts["clip"]}))
     torch.manual_seed(seed + 3)
     t5 = T5EncoderModel(T5Config(**{**t5_config_ids(t5_tokenizer), "relative_attention_num_buckets": 8, **parts["t5"]}))
     return clip, t5

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from stagediff.tiny.tokenizers import CLIP_SPECIAL_TOKENS, clip_vocab, save_clip_tokenizer
+from stagediff.tiny.tokenizers import clip_config_ids, save_clip_tokenizer
 
 
 def _text(hidden: int, layers: int, heads: int, intermediate: int) -> dict:
@@ -69,10 +69,7 @@ def text_encoders(scale: str, seed: int = 0) -> tuple:
     the real vocabulary size, which the small offline tokenizer's ids stay inside."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    vocab = clip_vocab()
-    shared = {"bos_token_id": vocab[CLIP_SPECIAL_TOKENS[0]], "eos_token_id": vocab[CLIP_SPECIAL_TOKENS[1]],
-              "pad_token_id": vocab[CLIP_SPECIAL_TOKENS[1]], "vocab_size": len(vocab), "layer_norm_eps": 1e-05,
-              "hidden_act": "gelu"}
+    shared = {**clip_config_ids(), "layer_norm_eps": 1e-05, "hidden_act": "gelu"}
     text, text_2 = SCALES[scale]["text"]
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**{**shared, **text}))

@@ -29,6 +29,14 @@ def clip_vocab() -> dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
+def clip_config_ids() -> dict:
+    """The vocabulary size and special token ids of a CLIP text config that reads the offline CLIP
+    tokenizer's ids."""
+    vocab = clip_vocab()
+    return {"vocab_size": len(vocab), "bos_token_id": vocab[CLIP_SPECIAL_TOKENS[0]],
+            "eos_token_id": vocab[CLIP_SPECIAL_TOKENS[1]], "pad_token_id": vocab[CLIP_SPECIAL_TOKENS[1]]}
+
+
 def save_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>", model_max_length: int = 77):
     """Save a working CLIPTokenizer with a byte-level vocabulary to `folder` and return it."""
     from transformers import CLIPTokenizer
