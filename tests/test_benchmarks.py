@@ -35,6 +35,7 @@ def test_gpu_section_code_path_runs_on_this_device_at_tiny_scale(tmp_path, monke
     assert row["max_pixel_diff"] == 0
     assert 0 < row["diffusers_s_per_step"] < row["diffusers_s_per_item"]
     assert 0 < row["stagediff_s_per_step"] < row["stagediff_s_per_item"]
+    assert row["stagediff_cpu_encode_s_per_prompt"] > 0
     table = "\n".join(bench.gpu_markdown({"device": "this machine", "rows": [row]}))
     assert "| sdxl | sdxl (tiny, bfloat16) | 3 | 64×64 |" in table and "an anchor" in table
 
