@@ -1,7 +1,7 @@
 """`make bench`: stagediff against a plain diffusers loop, where the time goes, stage memory, compile
 reuse, orchestration overhead. Writes benchmarks/results/<date>-<host>.json and .md and prints the table.
 
-    python benchmarks/run.py [--quick | --gpu-only [--gpu-families sdxl,flux1,wan] | --real-memory]
+    python benchmarks/run.py [--quick | --gpu-only [--gpu-families sdxl,flux1,wan] | --real-memory | --cpu-scaling]
 """
 
 from __future__ import annotations
@@ -78,13 +78,19 @@ GPU = {
 
 
 def run_workload(name: str, args: dict, env: dict | None = None) -> dict:
-    process = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "workloads.py"), name, json.dumps(args)],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=ROOT,
-    )
-    if process.returncode != 0:
-        raise RuntimeError(f"workload {name} failed:\n{process.stderr[-3000:]}")
-    return json.loads(process.stdout.strip().splitlines()[-1])
+    return run_workloads_at_once(name, [args], env)[0]
+
+
+def run_workloads_at_once(name: str, each_args: list[dict], env: dict | None = None) -> list[dict]:
+    """Run one process of workload `name` per argument set, all at the same time; their measurements."""
+    processes = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "workloads.py"), name, json.dumps(args)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, **(env or {})}, cwd=ROOT) for args in each_args]
+    outputs = [process.communicate() for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        if process.returncode != 0:
+            raise RuntimeError(f"workload {name} failed:\n{stderr[-3000:]}")
+    return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
 
 
 def model_folder(name: str, scale: str) -> str:
@@ -146,10 +152,14 @@ def sweep(family: str, case: Case, prompts: int, seeds: int) -> dict:
     stage_seconds = {name: round(s["seconds"], 2) for name, s in staged["stages"].items()}
     compute = sum(s["compute_seconds"] for s in staged["stages"].values())
     loads = sum(s["load_seconds"] for s in staged["stages"].values())
+    encode_per_prompt = staged["stages"]["encode"]["compute_seconds"] / prompts
     return {
         "family": family, "model": f"{case.model} ({case.scale})", "images": images, "steps": case.steps,
         "size": case.size, "plain_images_per_s": images / plain["seconds"],
         "stagediff_images_per_s": images / staged["seconds"], "ratio": plain["seconds"] / staged["seconds"],
+        # The ratio if the encode calls it skips were stagediff's only saving: the loop's time over the
+        # loop's time less those calls (timed by stagediff's encode, the same encoder and prompts).
+        "reuse_ceiling": plain["seconds"] / (plain["seconds"] - (images - prompts) * encode_per_prompt),
         "max_pixel_diff": max_diff, "stage_seconds": stage_seconds, "model_load_seconds": round(loads, 2),
         "compute_seconds": round(compute, 2), "store_and_other_seconds": round(staged["seconds"] - compute - loads, 2),
         "encode_calls": {"stagediff": prompts, "plain_loop": images},
@@ -165,6 +175,30 @@ def memory(family: str, case: Case, dtype: str = "float32") -> dict:
     full = run_workload("full_pipeline", {**base, "out": str(WORK / "plain" / f"memory-{family}-{case.scale}")})
     return {"family": family, "model": f"{case.model} ({case.scale}, {dtype})", "size": case.size,
             **{k: round(v) for k, v in peaks.items()}, "full_pipeline": round(full["max_rss_mb"])}
+
+
+def cpu_scaling(family: str, case: Case, items: int = 4) -> dict:
+    """Section 7: one process on all cores against one single-thread process per core, each denoising its
+    share of the same items at the same time. The second is what fanning a sweep out over the cores
+    would give a CPU pool; the pixel difference says whether it keeps the images."""
+    cores = os.cpu_count() or 1
+    base = {"model": model_folder(case.model, case.scale), "prompts": PROMPTS[:1], **case.arguments()}
+    stores = WORK / "stores" / f"scaling-{family}"
+    shutil.rmtree(stores, ignore_errors=True)
+    together = run_workload("staged", {**base, "seeds": list(range(items)), "threads": cores,
+                                       "store": str(stores / "together")})
+    processes = min(cores, items)
+    shares = [list(range(first, items, processes)) for first in range(processes)]
+    apart = run_workloads_at_once("staged", [{**base, "seeds": seeds, "threads": 1, "store": str(stores / f"share-{i}")}
+                                             for i, seeds in enumerate(shares)])
+    together_seconds = together["stages"]["denoise"]["compute_seconds"]
+    apart_seconds = max(result["stages"]["denoise"]["compute_seconds"] for result in apart)
+    media_apart = {seed: uri for seeds, result in zip(shares, apart) for seed, uri in zip(seeds, result["media"])}
+    diffs = [int(np.abs(read_frames(uri).astype(int) - read_frames(media_apart[seed]).astype(int)).max())
+             for seed, uri in enumerate(together["media"])]
+    return {"family": family, "model": f"{case.model} ({case.scale})", "items": items, "size": case.size,
+            "one_process_s_per_item": together_seconds / items, "per_core_processes_s_per_item": apart_seconds / items,
+            "fan_out_ratio": together_seconds / apart_seconds, "max_pixel_diff": max(diffs)}
 
 
 def compile_reuse() -> dict:
@@ -278,21 +312,30 @@ def markdown(report: dict) -> str:
                       for k, v in report[key].items()]
     if "gpu" in report:
         lines += ["", "## 6. GPU: real-size architectures, random weights", ""] + gpu_markdown(report["gpu"])
+    if "cpu_scaling" in report:
+        lines += ["", "## 7. CPU fan-out: one process on all cores vs one single-thread process per core", "",
+                  "Denoise compute of the same items at the same time, model loads left out.", "",
+                  "| family | model | items | size | one process s/item | process per core s/item | fan-out ratio "
+                  "| max pixel diff |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {row['family']} | {row['model']} | {row['items']} | {row['size']} | "
+                  f"{row['one_process_s_per_item']:.2f} | {row['per_core_processes_s_per_item']:.2f} | "
+                  f"{row['fan_out_ratio']:.2f}× | {row['max_pixel_diff']} |" for row in report["cpu_scaling"]]
     lines.append("")
     return "\n".join(lines)
 
 
 def sweep_markdown(rows: list[dict]) -> list[str]:
     lines = ["## 1–2. Sweep throughput and where the time goes", "",
-             "| family | model | images | steps | size | plain loop img/s | stagediff img/s | ratio | max pixel diff "
-             "| encode calls (stagediff / loop) | stage seconds (encode / denoise / decode) | model load s "
-             "| store+other s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Reuse ceiling: the ratio if the encode calls stagediff skips were its only saving.", "",
+             "| family | model | images | steps | size | plain loop img/s | stagediff img/s | ratio | reuse ceiling "
+             "| max pixel diff | encode calls (stagediff / loop) | stage seconds (encode / denoise / decode) "
+             "| model load s | store+other s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         stages = row["stage_seconds"]
         lines.append(
             f"| {row['family']} | {row['model']} | {row['images']} | {row['steps']} | {row['size']} | "
             f"{row['plain_images_per_s']:.3f} | {row['stagediff_images_per_s']:.3f} | {row['ratio']:.2f}× | "
-            f"{row['max_pixel_diff']} | {row['encode_calls']['stagediff']} / {row['encode_calls']['plain_loop']} | "
+            f"{row['reuse_ceiling']:.2f}× | {row['max_pixel_diff']} | {row['encode_calls']['stagediff']} / {row['encode_calls']['plain_loop']} | "
             f"{stages['encode']} / {stages['denoise']} / {stages['decode']} | {row['model_load_seconds']} | "
             f"{row['store_and_other_seconds']} |")
     return lines
@@ -324,6 +367,9 @@ def main() -> None:
     parser.add_argument("--real-memory", action="store_true",
                         help="only section 3b (real-size SDXL and Wan in bf16: 21 GB of disk, 13 GB of RAM, "
                              "about 6 minutes on 2 cores)")
+    parser.add_argument("--cpu-scaling", action="store_true",
+                        help="only section 7 (the small models, one process on all cores against one "
+                             "single-thread process per core; about 3 minutes on 2 cores)")
     args = parser.parse_args()
     gpu_families = args.gpu_families.split(",")
     unknown = [family for family in gpu_families if family not in GPU]
@@ -341,15 +387,18 @@ def main() -> None:
     }
     if args.real_memory:
         report["real_memory"] = [memory(family, case, "bfloat16") for family, case in REAL_MEMORY.items()]
+    elif args.cpu_scaling:
+        report["cpu_scaling"] = [cpu_scaling(family, case) for family, case in FULL.items()]
     elif not args.gpu_only:
         report["sweep"] = [sweep(family, case, prompts, seeds) for family, case in families.items()]
         report["memory"] = [memory(family, case) for family, case in families.items()]
         report["compile"] = compile_reuse()
         report["orchestration"] = orchestration(pooled=not args.quick)
-    if not args.real_memory:
+    if not (args.real_memory or args.cpu_scaling):
         report["gpu"] = {"skipped": "quick mode"} if args.quick else gpu(gpu_families)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else "-gpu" if args.gpu_only else "-real-memory" if args.real_memory else ""
+    suffix = ("-quick" if args.quick else "-gpu" if args.gpu_only else "-real-memory" if args.real_memory
+              else "-cpu-scaling" if args.cpu_scaling else "")
     stem = RESULTS / f"{report['date']}-{socket.gethostname()}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     table = markdown(report)

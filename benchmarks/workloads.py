@@ -3,6 +3,7 @@
     python benchmarks/workloads.py WORKLOAD '{"json": "arguments"}'
 
 prints one JSON line with the measurements (and `max_rss_mb`, the process's peak resident memory).
+An argument `threads` sets torch's thread count first.
 """
 
 from __future__ import annotations
@@ -171,6 +172,11 @@ if __name__ == "__main__":
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    measured = WORKLOADS[sys.argv[1]](json.loads(sys.argv[2]))
+    arguments = json.loads(sys.argv[2])
+    if "threads" in arguments:
+        import torch
+
+        torch.set_num_threads(arguments["threads"])
+    measured = WORKLOADS[sys.argv[1]](arguments)
     measured["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(measured))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ def test_quick_sweep_matches_the_plain_loop_and_renders(tmp_path, monkeypatch):
     assert row["images"] == 2 and row["max_pixel_diff"] == 0
     assert row["encode_calls"] == {"stagediff": 1, "plain_loop": 2}
     assert row["plain_images_per_s"] > 0 and row["stagediff_images_per_s"] > 0
+    assert row["reuse_ceiling"] > 1  # the loop encodes twice, stagediff once
     assert set(row["stage_seconds"]) == {"encode", "denoise", "decode"}
 
     report = {"date": "d", "machine": "m", "sweep": [row], "memory": [], "compile": {}, "orchestration": {}, "gpu": {}}
@@ -51,3 +53,16 @@ def test_memory_section_measures_each_stage_process_and_the_full_pipeline(tmp_pa
     assert all(row[name] > 100 for name in ("encode", "denoise", "decode", "full_pipeline")), row
     table = bench.markdown({"date": "d", "machine": "m", "real_memory": [row]})
     assert "## 3b." in table and "| sdxl | sdxl (tiny, bfloat16) | 64×64 |" in table and "## 6." not in table
+
+
+def test_cpu_scaling_section_splits_the_items_over_one_process_per_core(tmp_path, monkeypatch):
+    """Section 7 (`--cpu-scaling`) here with the tiny model: every item denoised both ways, its images
+    compared, and its table."""
+    monkeypatch.setattr(bench, "WORK", tmp_path)
+    row = bench.cpu_scaling("sdxl", bench.QUICK["sdxl"], items=3)
+
+    assert row["items"] == 3 and row["max_pixel_diff"] <= 1
+    assert row["one_process_s_per_item"] > 0 and row["per_core_processes_s_per_item"] > 0 and row["fan_out_ratio"] > 0
+    assert len(list((tmp_path / "stores" / "scaling-sdxl").glob("share-*"))) == min(os.cpu_count(), 3)
+    table = bench.markdown({"date": "d", "machine": "m", "cpu_scaling": [row]})
+    assert "## 7." in table and "| sdxl | sdxl (tiny) | 3 | 64×64 |" in table
