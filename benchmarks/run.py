@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,10 @@ class Case:
     @property
     def size(self) -> str:
         return f"{self.width}×{self.height}" + (f"×{self.frames}f" if self.frames else "")
+
+    def label(self, dtype: str | None = None) -> str:
+        """The model as the tables name it: `sdxl (small)`, `sdxl (full, bfloat16)`."""
+        return f"{self.model} ({self.scale}{f', {dtype}' if dtype else ''})"
 
     def arguments(self) -> dict:
         return {"steps": self.steps, "height": self.height, "width": self.width, "frames": self.frames}
@@ -82,15 +87,23 @@ def run_workload(name: str, args: dict, env: dict | None = None) -> dict:
 
 
 def run_workloads_at_once(name: str, each_args: list[dict], env: dict | None = None) -> list[dict]:
-    """Run one process of workload `name` per argument set, all at the same time; their measurements."""
-    processes = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "workloads.py"), name, json.dumps(args)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env={**os.environ, **(env or {})}, cwd=ROOT) for args in each_args]
-    outputs = [process.communicate() for process in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        if process.returncode != 0:
-            raise RuntimeError(f"workload {name} failed:\n{stderr[-3000:]}")
-    return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    """Run one process of workload `name` per argument set, all at the same time; their measurements.
+    Their output goes to files, so that no process blocks on a full pipe while another is waited for."""
+    with contextlib.ExitStack() as files:
+        outputs = [(files.enter_context(tempfile.TemporaryFile("w+")), files.enter_context(tempfile.TemporaryFile("w+")))
+                   for _ in each_args]
+        processes = [subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "workloads.py"), name, json.dumps(args)],
+                                      stdout=stdout, stderr=stderr, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+                     for args, (stdout, stderr) in zip(each_args, outputs)]
+        results = []
+        for process, (stdout, stderr) in zip(processes, outputs):
+            process.wait()
+            stdout.seek(0)
+            stderr.seek(0)
+            if process.returncode != 0:
+                raise RuntimeError(f"workload {name} failed:\n{stderr.read()[-3000:]}")
+            results.append(json.loads(stdout.read().strip().splitlines()[-1]))
+        return results
 
 
 def model_folder(name: str, scale: str) -> str:
@@ -128,6 +141,11 @@ def read_frames(path: str) -> np.ndarray:
     return iio.imread(data, extension=Path(path).suffix)
 
 
+def pixel_diff(ours: str, theirs: str) -> int:
+    """The largest difference, in 8-bit levels, between two media files' pixels."""
+    return int(np.abs(read_frames(ours).astype(int) - read_frames(theirs).astype(int)).max())
+
+
 def side_by_side(family: str, case: Case, prompts: int, seeds: int, dtype: str = "float32") -> tuple[dict, dict, int]:
     """Run the plain diffusers loop and stagediff's stages on the same items; return both measurements
     and the largest pixel difference between their outputs."""
@@ -141,8 +159,7 @@ def side_by_side(family: str, case: Case, prompts: int, seeds: int, dtype: str =
     staged = run_workload("staged", {**base, "store": str(store), "batch_size": 1})
     extension = "mp4" if case.frames else "png"
     theirs = [plain_out / f"{p_index}-{seed}.{extension}" for p_index in range(prompts) for seed in range(seeds)]
-    diffs = [int(np.abs(read_frames(ours).astype(int) - read_frames(str(path)).astype(int)).max())
-             for ours, path in zip(staged["media"], theirs)]
+    diffs = [pixel_diff(ours, str(path)) for ours, path in zip(staged["media"], theirs)]
     return plain, staged, max(diffs)
 
 
@@ -154,7 +171,7 @@ def sweep(family: str, case: Case, prompts: int, seeds: int) -> dict:
     loads = sum(s["load_seconds"] for s in staged["stages"].values())
     encode_per_prompt = staged["stages"]["encode"]["compute_seconds"] / prompts
     return {
-        "family": family, "model": f"{case.model} ({case.scale})", "images": images, "steps": case.steps,
+        "family": family, "model": case.label(), "images": images, "steps": case.steps,
         "size": case.size, "plain_images_per_s": images / plain["seconds"],
         "stagediff_images_per_s": images / staged["seconds"], "ratio": plain["seconds"] / staged["seconds"],
         # The ratio if the encode calls it skips were stagediff's only saving: the loop's time over the
@@ -173,7 +190,7 @@ def memory(family: str, case: Case, dtype: str = "float32") -> dict:
     peaks = {name: run_workload("stage", {**base, "stage": name})["max_rss_mb"]
              for name in ("encode", "denoise", "decode")}
     full = run_workload("full_pipeline", {**base, "out": str(WORK / "plain" / f"memory-{family}-{case.scale}")})
-    return {"family": family, "model": f"{case.model} ({case.scale}, {dtype})", "size": case.size,
+    return {"family": family, "model": case.label(dtype), "size": case.size,
             **{k: round(v) for k, v in peaks.items()}, "full_pipeline": round(full["max_rss_mb"])}
 
 
@@ -194,9 +211,8 @@ def cpu_scaling(family: str, case: Case, items: int = 4) -> dict:
     together_seconds = together["stages"]["denoise"]["compute_seconds"]
     apart_seconds = max(result["stages"]["denoise"]["compute_seconds"] for result in apart)
     media_apart = {seed: uri for seeds, result in zip(shares, apart) for seed, uri in zip(seeds, result["media"])}
-    diffs = [int(np.abs(read_frames(uri).astype(int) - read_frames(media_apart[seed]).astype(int)).max())
-             for seed, uri in enumerate(together["media"])]
-    return {"family": family, "model": f"{case.model} ({case.scale})", "items": items, "size": case.size,
+    diffs = [pixel_diff(uri, media_apart[seed]) for seed, uri in enumerate(together["media"])]
+    return {"family": family, "model": case.label(), "items": items, "size": case.size,
             "one_process_s_per_item": together_seconds / items, "per_core_processes_s_per_item": apart_seconds / items,
             "fan_out_ratio": together_seconds / apart_seconds, "max_pixel_diff": max(diffs)}
 
@@ -282,7 +298,7 @@ def gpu_row(family: str, case: Case, seeds: int = 2, dtype: str = "bfloat16") ->
     stages = staged["stages"]
     ours_per_item = sum(stages[name]["item_seconds"][-1] for name in ("denoise", "decode"))
     return {
-        "family": family, "model": f"{case.model} ({case.scale}, {dtype})", "steps": case.steps, "size": case.size,
+        "family": family, "model": case.label(dtype), "steps": case.steps, "size": case.size,
         "diffusers_s_per_step": plain["step_seconds"][-1],
         "stagediff_s_per_step": stages["denoise"]["item_seconds"][-1] / case.steps,
         "diffusers_s_per_item": plain["item_seconds"][-1], "stagediff_s_per_item": ours_per_item,
@@ -313,13 +329,8 @@ def markdown(report: dict) -> str:
     if "gpu" in report:
         lines += ["", "## 6. GPU: real-size architectures, random weights", ""] + gpu_markdown(report["gpu"])
     if "cpu_scaling" in report:
-        lines += ["", "## 7. CPU fan-out: one process on all cores vs one single-thread process per core", "",
-                  "Denoise compute of the same items at the same time, model loads left out.", "",
-                  "| family | model | items | size | one process s/item | process per core s/item | fan-out ratio "
-                  "| max pixel diff |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {row['family']} | {row['model']} | {row['items']} | {row['size']} | "
-                  f"{row['one_process_s_per_item']:.2f} | {row['per_core_processes_s_per_item']:.2f} | "
-                  f"{row['fan_out_ratio']:.2f}× | {row['max_pixel_diff']} |" for row in report["cpu_scaling"]]
+        lines += ["", "## 7. CPU fan-out: one process on all cores vs one single-thread process per core", ""]
+        lines += cpu_scaling_markdown(report["cpu_scaling"])
     lines.append("")
     return "\n".join(lines)
 
@@ -357,6 +368,15 @@ def gpu_markdown(section: dict) -> list[str]:
     return lines
 
 
+def cpu_scaling_markdown(rows: list[dict]) -> list[str]:
+    lines = ["Denoise compute of the same items at the same time, model loads left out.", "",
+             "| family | model | items | size | one process s/item | process per core s/item | fan-out ratio "
+             "| max pixel diff |", "|---|---|---|---|---|---|---|---|"]
+    return lines + [f"| {row['family']} | {row['model']} | {row['items']} | {row['size']} | "
+                    f"{row['one_process_s_per_item']:.2f} | {row['per_core_processes_s_per_item']:.2f} | "
+                    f"{row['fan_out_ratio']:.2f}× | {row['max_pixel_diff']} |" for row in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 prompts × 2 seeds, no pooled path")
@@ -369,7 +389,7 @@ def main() -> None:
                              "about 6 minutes on 2 cores)")
     parser.add_argument("--cpu-scaling", action="store_true",
                         help="only section 7 (the small models, one process on all cores against one "
-                             "single-thread process per core; about 3 minutes on 2 cores)")
+                             "single-thread process per core; about 2 minutes on 2 cores)")
     args = parser.parse_args()
     gpu_families = args.gpu_families.split(",")
     unknown = [family for family in gpu_families if family not in GPU]
