@@ -10,6 +10,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
 from flows.stages import STAGE_TASKS
+from stagediff.options import request_from_options
 
 DEPLOYMENT_NAME = "stagediff"
 STAGE_DEPLOYMENTS = {stage: f"{stage}/{DEPLOYMENT_NAME}" for stage in STAGE_TASKS}
@@ -44,6 +45,4 @@ def submit_stage(stage: str, chunk_parameters: dict, use_deployments: bool, wait
     """Submit one stage for one chunk, after `wait_for`; returns a future."""
     if use_deployments:
         return run_stage_deployment.submit(stage, chunk_parameters, wait_for=wait_for)
-    from flows.parameters import request_from_parameters
-
-    return STAGE_TASKS[stage].submit(request_from_parameters(chunk_parameters).to_dict(), wait_for=wait_for)
+    return STAGE_TASKS[stage].submit(request_from_options(chunk_parameters).to_dict(), wait_for=wait_for)

@@ -15,8 +15,9 @@ from prefect import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dispatch import stage_deployments_exist, submit_stage
-from flows.parameters import generation_flow, request_from_parameters
+from flows.parameters import generation_flow
 from flows.reporting import RunProgress, publish_results
+from stagediff.options import request_from_options
 from stagediff.plan import make_plan
 from stagediff.stages import missing_stages
 from tasks import write_manifest_task
@@ -37,7 +38,7 @@ def chunk_parameters(parameters: dict, prompts: list[str]) -> dict:
 
 def orchestrate(parameters: dict) -> str:
     logger = get_run_logger()
-    request = request_from_parameters(parameters)
+    request = request_from_options(parameters)
     plan = make_plan(request)
     plan.store.check_writable()
     dispatch = parameters["dispatch"]
@@ -51,7 +52,7 @@ def orchestrate(parameters: dict) -> str:
     pending = []
     for chunk in chunks:
         params = chunk_parameters(parameters, chunk)
-        needed = missing_stages(make_plan(request_from_parameters(params), model=plan.model))
+        needed = missing_stages(make_plan(request_from_options(params), model=plan.model))
         future = None
         for stage in needed:
             future = submit_stage(stage, params, use_deployments, wait_for=[future] if future else [])

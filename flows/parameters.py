@@ -1,59 +1,43 @@
-"""One parameter list for every generation flow, mirroring the CLI's long options (snake_case, lists
-plural). Prefect validates the types before a run starts; `request_from_parameters` then validates
-the values, so a bad parameter fails the run at once with a one-line message."""
+"""Prefect flows whose parameters are the generation options of `stagediff.options` (the CLI's long
+options in snake_case, lists plural). Prefect validates the types before a run starts;
+`request_from_options` then validates the values, so a bad parameter fails the run at once with a
+one-line message."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prefect import flow
 
-from stagediff.request import DEFAULT_STORE, Request
+from stagediff.options import GENERATION_OPTIONS, RUN_OPTIONS, Option
 
-Dispatch = Literal["auto", "in-process", "deployments"]
-ORCHESTRATION_PARAMETERS = ("run_name", "manifest", "dispatch", "prompts_per_chunk")
-"""Flow parameters that steer the run rather than describe the request."""
-FAMILY_OPTIONS = ("flow_shift", "true_cfg")
-"""Flow parameters that go to `Request.extras` (options of some families only)."""
+ORCHESTRATION_OPTIONS: tuple[Option, ...] = (
+    Option("dispatch", str, "where stages run: auto (the stage deployments when they exist), in-process or "
+           "deployments", choices=("auto", "in-process", "deployments"), default="auto"),
+    Option("prompts_per_chunk", int, "prompts per stage run (default: 1 in-process, 4 on work pools)"),
+)
+"""How the generate flow spreads the work."""
 
-
-def request_from_parameters(parameters: dict) -> Request:
-    """The validated Request behind a generation flow's parameters."""
-    options = {k: v for k, v in parameters.items() if k not in ORCHESTRATION_PARAMETERS}
-    extras = {name: options.pop(name, None) for name in FAMILY_OPTIONS}
-    return Request(**options, extras=extras)
+GENERATE_OPTIONS = GENERATION_OPTIONS + RUN_OPTIONS + ORCHESTRATION_OPTIONS
 
 
-def generation_flow(name: str, body: Callable[[dict], Any], description: str, **flow_options):
-    """A Prefect flow named `name` taking the generation parameters and calling `body(parameters)`."""
+def generation_flow(name: str, body: Callable[[dict], Any], description: str,
+                    options: Iterable[Option] = GENERATE_OPTIONS, **flow_options):
+    """A Prefect flow named `name` whose keyword parameters are `options` (shown with their help in
+    the UI); it calls `body(parameters)` with every parameter by name."""
+    options = tuple(options)
 
-    def run(
-        model: str,
-        prompts: list[str],
-        seeds: list[int],
-        negative_prompt: str | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        frames: int | None = None,
-        fps: int | None = None,
-        flow_shift: float | None = None,
-        true_cfg: float | None = None,
-        dtype: Literal["float32", "bfloat16"] = "float32",
-        store: str = DEFAULT_STORE,
-        backend: Literal["auto", "torch", "torchax"] = "auto",
-        batch_size: int = 1,
-        mesh: str | None = None,
-        run_name: str | None = None,
-        manifest: str | None = None,
-        dispatch: Dispatch = "auto",
-        prompts_per_chunk: int | None = None,
-    ):
-        parameters = {name: value for name, value in locals().items() if name != "body"}
+    def run(**parameters):
         return body(parameters)
 
+    run.__signature__ = inspect.Signature([
+        inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, annotation=o.annotation,
+                          **({} if o.required else {"default": o.default_value}))
+        for o in options
+    ])
     run.__name__ = run.__qualname__ = name
-    run.__doc__ = description
+    # Prefect reads parameter descriptions from the docstring's Args section.
+    run.__doc__ = "\n".join([description, "", "Args:", *(f"    {o.name}: {o.help}" for o in options)])
     return flow(name=name, description=description, **flow_options)(run)

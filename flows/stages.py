@@ -6,7 +6,8 @@ paid once per chunk, and skips whatever the store already holds.
 
 from __future__ import annotations
 
-from flows.parameters import generation_flow, request_from_parameters
+from flows.parameters import generation_flow
+from stagediff.options import request_from_options
 from tasks import decode_task, denoise_task, encode_task
 
 STAGE_TASKS = {"encode": encode_task, "denoise": denoise_task, "decode": decode_task}
@@ -14,7 +15,7 @@ STAGE_TASKS = {"encode": encode_task, "denoise": denoise_task, "decode": decode_
 
 def _stage_body(stage: str):
     def body(parameters: dict) -> list[str]:
-        request = request_from_parameters(parameters)
+        request = request_from_options(parameters)
         return STAGE_TASKS[stage](request.to_dict())
 
     return body

@@ -3,14 +3,21 @@ local or in a bucket) × a range of seeds, generating only what the store does n
 
 from __future__ import annotations
 
-from typing import Literal
-
 import fsspec
-from prefect import flow
 
 from flows.generate import generate
+from flows.parameters import GENERATE_OPTIONS, generation_flow
 from stagediff.errors import StagediffError
-from stagediff.request import DEFAULT_STORE
+from stagediff.options import Option, option_named
+
+SWEEP_OPTIONS: tuple[Option, ...] = (
+    option_named(GENERATE_OPTIONS, "model"),
+    Option("prompts", str, "prompts to generate (with those of prompt_file)", repeated=True, default=()),
+    Option("prompt_file", str, "a local or gs:// text file, one prompt per line"),
+    Option("seed_start", int, "the first seed", default=0),
+    Option("seed_count", int, "how many seeds, from seed_start", default=8),
+    *(o for o in GENERATE_OPTIONS if o.name not in ("model", "prompts", "seeds")),
+)
 
 
 def read_prompt_file(uri: str) -> list[str]:
@@ -22,32 +29,15 @@ def read_prompt_file(uri: str) -> list[str]:
         raise StagediffError(f"prompt file not found: {uri}") from None
 
 
-@flow(name="sweep", description="Scheduled sweep over prompts × a seed range; generates what is missing.")
-def sweep(
-    model: str,
-    prompts: list[str] | None = None,
-    prompt_file: str | None = None,
-    seed_start: int = 0,
-    seed_count: int = 8,
-    negative_prompt: str | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    frames: int | None = None,
-    fps: int | None = None,
-    flow_shift: float | None = None,
-    true_cfg: float | None = None,
-    dtype: Literal["float32", "bfloat16"] = "float32",
-    store: str = DEFAULT_STORE,
-    backend: Literal["auto", "torch", "torchax"] = "auto",
-    batch_size: int = 1,
-    mesh: str | None = None,
-    run_name: str | None = None,
-) -> str:
+def run_sweep(parameters: dict) -> str:
     """Generate `prompts` (plus the lines of `prompt_file`) with seeds seed_start .. seed_start+seed_count-1."""
-    all_prompts = list(prompts or []) + (read_prompt_file(prompt_file) if prompt_file else [])
-    if seed_count < 1 or seed_start < 0:
-        raise StagediffError(f"seed range start {seed_start} count {seed_count}: start must be >= 0 and count >= 1")
-    options = {name: value for name, value in locals().items() if name not in ("prompts", "prompt_file", "seed_start", "seed_count", "all_prompts")}
-    return generate(prompts=all_prompts, seeds=list(range(seed_start, seed_start + seed_count)), **options)
+    options = dict(parameters)
+    prompt_file, start, count = options.pop("prompt_file"), options.pop("seed_start"), options.pop("seed_count")
+    if count < 1 or start < 0:
+        raise StagediffError(f"seed range start {start} count {count}: start must be >= 0 and count >= 1")
+    prompts = list(options.pop("prompts")) + (read_prompt_file(prompt_file) if prompt_file else [])
+    return generate(prompts=prompts, seeds=list(range(start, start + count)), **options)
+
+
+sweep = generation_flow("sweep", run_sweep, "Scheduled sweep over prompts × a seed range; generates what is missing.",
+                        options=SWEEP_OPTIONS)

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from stagediff.errors import StagediffError
-
-BACKENDS = ("auto", "torch", "torchax")
+from stagediff.request import BACKENDS
 
 
 def resolve_backend(requested: str) -> str:

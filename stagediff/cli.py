@@ -9,7 +9,7 @@ import sys
 import warnings
 
 from stagediff.errors import StagediffError
-from stagediff.request import DEFAULT_STORE, DTYPES, Request
+from stagediff.options import GENERATION_OPTIONS, RUN_OPTIONS, request_from_options
 
 STAGE_COMMANDS = ("encode", "denoise", "decode")
 
@@ -39,46 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face id or local diffusers folder")
-    parser.add_argument("--prompt", action="append", required=True, dest="prompts", help="repeat for several")
-    parser.add_argument("--seed", action="append", type=int, required=True, dest="seeds", help="repeat for several")
-    parser.add_argument("--negative-prompt", help="default: the pipeline's own")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
-    parser.add_argument("--guidance", type=float, help="guidance scale: CFG or embedded, as the family uses it")
-    parser.add_argument("--height", type=int, help="pixels, a multiple of the VAE factor")
-    parser.add_argument("--width", type=int, help="pixels, a multiple of the VAE factor")
-    parser.add_argument("--frames", type=int, help="video frames (video families)")
-    parser.add_argument("--fps", type=int, help="video frames per second (video families)")
-    parser.add_argument("--flow-shift", type=float, help="flow-matching shift (Wan: 3.0 for 480p, 5.0 for 720p)")
-    parser.add_argument("--true-cfg", type=float, help="FLUX.1: true CFG scale, used with --negative-prompt (default 1: off)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--store", default=DEFAULT_STORE, help="local folder or gs://bucket/prefix")
-    parser.add_argument("--backend", default="auto", help="auto, torch or torchax (auto: torchax on TPU)")
-    parser.add_argument("--batch-size", type=int, default=1, help="items denoised per compiled call")
-    parser.add_argument("--mesh", help="torchax device mesh, e.g. tp=8 or dp=2,tp=4 (axes dp, fsdp, tp)")
-    parser.add_argument("--manifest", help="also write the run manifest here")
-    parser.add_argument("--run-name", help="name of the run folder under runs/ in the store")
-
-
-def request_from(args) -> Request:
-    return Request(
-        model=args.model,
-        prompts=args.prompts,
-        seeds=args.seeds,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        guidance=args.guidance,
-        height=args.height,
-        width=args.width,
-        frames=args.frames,
-        fps=args.fps,
-        dtype=args.dtype,
-        store=args.store,
-        backend=args.backend,
-        batch_size=args.batch_size,
-        mesh=args.mesh,
-        extras={"flow_shift": args.flow_shift, "true_cfg": args.true_cfg},
-    )
+    for option in GENERATION_OPTIONS + RUN_OPTIONS:
+        parser.add_argument(
+            option.flag, dest=option.name, type=option.value_type, help=option.help,
+            choices=option.choices or None, required=option.required,
+            action="append" if option.repeated else "store",
+            **({} if option.required else {"default": option.default_value}),
+        )
 
 
 def _quiet_libraries() -> None:
@@ -104,7 +71,7 @@ def run(args) -> int:
         print(build_tiny_model(args.family, args.folder, args.scale))
         return 0
 
-    request = request_from(args)
+    request = request_from_options(vars(args))
     from stagediff.plan import make_plan
 
     plan = make_plan(request)
@@ -129,11 +96,7 @@ def run(args) -> int:
 
 def generate_parameters(args) -> dict:
     """The `generate` flow's parameters from the command line (same names, snake_case)."""
-    names = (
-        "model", "prompts", "seeds", "negative_prompt", "steps", "guidance", "height", "width", "frames", "fps",
-        "flow_shift", "true_cfg", "dtype", "store", "backend", "batch_size", "mesh", "run_name", "manifest",
-    )
-    return {name: getattr(args, name) for name in names}
+    return {option.name: getattr(args, option.name) for option in GENERATION_OPTIONS + RUN_OPTIONS}
 
 
 def main(argv: list[str] | None = None) -> int:

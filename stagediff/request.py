@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from stagediff.errors import StagediffError
 
 DTYPES = ("float32", "bfloat16")
+BACKENDS = ("auto", "torch", "torchax")
 DEFAULT_STORE = "./stagediff-store"
 
 
@@ -68,6 +69,8 @@ class Request:
                 parse_mesh_spec(self.mesh)
             except MeshError as error:
                 raise StagediffError(str(error)) from None
+        if self.backend not in BACKENDS:
+            raise StagediffError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise StagediffError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 

@@ -153,3 +153,23 @@ def test_full_scale_is_refused_for_families_it_does_not_cover(tmp_path, capsys):
     assert main(["tiny-model", "flux2", str(tmp_path / "model"), "--scale", "full"]) == 2
     assert "scale 'full' is not built for 'flux2'" in capsys.readouterr().err
     assert not (tmp_path / "model").exists()
+
+
+def test_cli_options_and_flow_parameters_are_one_table():
+    """Every generation option is a `generate` command flag and a parameter of every generation flow
+    (snake_case, lists plural), and the sweep flow takes all of them but the prompts and seeds it builds."""
+    import inspect
+
+    from flows.generate import generate
+    from flows.stages import decode, denoise, encode
+    from flows.sweep import sweep
+    from stagediff.cli import build_parser
+    from stagediff.options import GENERATION_OPTIONS, RUN_OPTIONS
+
+    names = {option.name for option in GENERATION_OPTIONS + RUN_OPTIONS}
+    generate_command = build_parser()._subparsers._group_actions[0].choices["generate"]
+    assert {action.dest for action in generate_command._actions} - {"help"} == names
+    for flow in (generate, encode, denoise, decode):
+        assert names <= set(inspect.signature(flow.fn).parameters)
+    sweep_parameters = set(inspect.signature(sweep.fn).parameters)
+    assert names - {"seeds"} <= sweep_parameters and "seeds" not in sweep_parameters

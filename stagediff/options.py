@@ -1,0 +1,99 @@
+"""The generation options, defined once. The command line's long options (`--negative-prompt`,
+repeatable `--prompt`), the Prefect flows' parameters (`negative_prompt`, `prompts`) and the
+Request's fields all come from these tables; defaults are the Request's own."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from stagediff.request import BACKENDS, DTYPES, Request
+
+REQUIRED = dataclasses.MISSING
+FROM_REQUEST = object()
+"""The default of options that are Request fields: the Request's own."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: `name` is the flow parameter and the Request field (snake_case; plural for lists),
+    `value_type` the type of one value."""
+
+    name: str
+    value_type: type
+    help: str
+    repeated: bool = False
+    """A list: the command-line flag is the singular and repeats (`--seed 0 --seed 1` → `seeds`)."""
+    choices: tuple[str, ...] = ()
+    family_option: bool = False
+    """An option of some model families only: it travels in `Request.extras`."""
+    default: Any = FROM_REQUEST
+    """Options that are Request fields default to the Request's default, others to None."""
+
+    @property
+    def flag(self) -> str:
+        return "--" + (self.name.removesuffix("s") if self.repeated else self.name).replace("_", "-")
+
+    @property
+    def required(self) -> bool:
+        return self.default_value is REQUIRED
+
+    @property
+    def default_value(self):
+        if self.default is not FROM_REQUEST:
+            return self.default
+        request_field = _REQUEST_FIELDS.get(self.name)
+        return None if request_field is None or self.family_option else request_field.default
+
+    @property
+    def annotation(self):
+        """The flow parameter's type, as Prefect validates it and shows it in the UI."""
+        one = Literal[self.choices] if self.choices else self.value_type
+        if self.repeated:
+            return list[one]
+        return one if self.required or self.default_value is not None else one | None
+
+
+_REQUEST_FIELDS = {field.name: field for field in dataclasses.fields(Request)}
+
+GENERATION_OPTIONS: tuple[Option, ...] = (
+    Option("model", str, "Hugging Face id, local diffusers folder or gs:// folder"),
+    Option("prompts", str, "a prompt (repeat for several)", repeated=True),
+    Option("seeds", int, "a seed (repeat for several)", repeated=True),
+    Option("negative_prompt", str, "negative prompt (default: the pipeline's own)"),
+    Option("steps", int, "denoising steps (default: the family's)"),
+    Option("guidance", float, "guidance scale: CFG or embedded, as the family uses it"),
+    Option("height", int, "pixels, a multiple of the VAE factor"),
+    Option("width", int, "pixels, a multiple of the VAE factor"),
+    Option("frames", int, "video frames (video families)"),
+    Option("fps", int, "video frames per second (video families)"),
+    Option("flow_shift", float, "flow-matching shift (Wan: 3.0 for 480p, 5.0 for 720p)", family_option=True),
+    Option("true_cfg", float, "FLUX.1: true CFG scale, used with a negative prompt (default 1: off)",
+           family_option=True),
+    Option("dtype", str, "weights and activations dtype", choices=DTYPES),
+    Option("store", str, "artifact store: a local folder or gs://bucket/prefix"),
+    Option("backend", str, "where denoise runs: torchax on TPU by default, torch elsewhere", choices=BACKENDS),
+    Option("batch_size", int, "items denoised per call"),
+    Option("mesh", str, "torchax device mesh, e.g. tp=8 or dp=2,tp=4 (axes dp, fsdp, tp)"),
+)
+"""What to generate: every option of a Request."""
+
+RUN_OPTIONS: tuple[Option, ...] = (
+    Option("run_name", str, "name of the run folder under runs/ in the store"),
+    Option("manifest", str, "also write the run manifest here"),
+)
+"""How a whole run is recorded."""
+
+
+def option_named(options: tuple[Option, ...], name: str) -> Option:
+    return next(option for option in options if option.name == name)
+
+
+def request_from_options(values: Mapping[str, Any]) -> Request:
+    """The validated Request behind option values (CLI arguments or flow parameters, by name;
+    other names are ignored)."""
+    fields = {o.name: values[o.name] for o in GENERATION_OPTIONS if not o.family_option and o.name in values}
+    extras = {o.name: values.get(o.name) for o in GENERATION_OPTIONS if o.family_option}
+    return Request(**fields, extras=extras)
