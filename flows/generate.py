@@ -2,8 +2,8 @@
 
 The batch is split into chunks of prompts (all seeds of a prompt stay together, so one embedding
 serves them). Chunks whose artifacts all exist are skipped; for the others each stage is submitted
-once per chunk, so encoding the next chunk overlaps denoising the previous one. Stages run in-process
-or, when the stage deployments exist on the server, as flow runs on their work pools.
+once per chunk, so encoding the next chunk overlaps denoising the previous one. Stages run on the
+warm stage workers, as flow runs of the stage deployments, or in-process (`flows.dispatch`).
 """
 
 from __future__ import annotations
@@ -14,18 +14,20 @@ import uuid
 from prefect import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dispatch import stage_deployments_exist, submit_stage
+from flows.dispatch import DEPLOYMENTS, WARM, resolve_dispatch, submit_stage
 from flows.parameters import generation_flow
 from flows.reporting import RunProgress, publish_results
+from flows.stage_workers import ChunkRun, StageWorkerDispatch
 from stagediff.options import request_from_options
 from stagediff.plan import make_plan
 from stagediff.stages import missing_stages
 from tasks import write_manifest_task
 
-IN_PROCESS_PROMPTS_PER_CHUNK = 1
-"""In-process, stage models stay loaded between chunks: small chunks give the most overlap."""
-POOLED_PROMPTS_PER_CHUNK = 4
-"""On pools every chunk is a new flow-run process that loads its model: larger chunks amortise that."""
+PROMPTS_PER_CHUNK = {WARM: 1, DEPLOYMENTS: 4, "in-process": 1}
+"""Where models stay loaded between chunks (warm workers, in-process), small chunks give the most
+overlap and spread over the most accelerators; on pools every chunk is a new flow-run process that
+loads its model, and larger chunks amortise that."""
+WHERE = {WARM: "on the stage workers", DEPLOYMENTS: "on their work pools", "in-process": "in-process"}
 
 
 def default_run_name(model: str) -> str:
@@ -41,31 +43,43 @@ def orchestrate(parameters: dict) -> str:
     request = request_from_options(parameters)
     plan = make_plan(request)
     plan.store.check_writable()
-    dispatch = parameters["dispatch"]
-    use_deployments = dispatch == "deployments" or (dispatch == "auto" and stage_deployments_exist())
-    logger.info("%d items, stages %s", len(plan.items), "on their work pools" if use_deployments else "in-process")
+    dispatch = resolve_dispatch(parameters["dispatch"])
+    logger.info("%d items, stages %s", len(plan.items), WHERE[dispatch])
 
-    per_chunk = parameters["prompts_per_chunk"] or (POOLED_PROMPTS_PER_CHUNK if use_deployments else IN_PROCESS_PROMPTS_PER_CHUNK)
+    per_chunk = parameters["prompts_per_chunk"] or PROMPTS_PER_CHUNK[dispatch]
     prompts = list(dict.fromkeys(request.prompts))
-    chunks = [prompts[i : i + per_chunk] for i in range(0, len(prompts), per_chunk)]
+    chunks = []
+    for first in range(0, len(prompts), per_chunk):
+        params = chunk_parameters(parameters, prompts[first : first + per_chunk])
+        chunks.append(ChunkRun(params, missing_stages(make_plan(request_from_options(params), model=plan.model))))
     progress = RunProgress(plan, items_per_chunk=per_chunk * len(set(request.seeds)))
-    pending = []
     for chunk in chunks:
-        params = chunk_parameters(parameters, chunk)
-        needed = missing_stages(make_plan(request_from_options(params), model=plan.model))
-        future = None
-        for stage in needed:
-            future = submit_stage(stage, params, use_deployments, wait_for=[future] if future else [])
-        if future is not None:
-            pending.append(future)
-    for future in pending:
-        future.result()
-        progress.chunk_done()
+        if not chunk.stages:  # already in the store
+            progress.chunk_done()
+    if dispatch == WARM:
+        StageWorkerDispatch(chunks, on_chunk_done=progress.chunk_done).run()
+    else:
+        run_chained(chunks, dispatch, progress)
 
     run_name = parameters["run_name"] or default_run_name(request.model)
     manifest_uri = write_manifest_task(request.to_dict(), run_name, parameters["manifest"])
     publish_results(plan, run_name)
     return manifest_uri
+
+
+def run_chained(chunks: list[ChunkRun], dispatch: str, progress: RunProgress) -> None:
+    """Submit every chunk's stages at once, each waiting for the one before it (the flow's threads
+    wait, not a worker), and wait for them all."""
+    pending = []
+    for chunk in chunks:
+        future = None
+        for stage in chunk.stages:
+            future = submit_stage(stage, chunk.parameters, dispatch, wait_for=[future] if future else [])
+        if future is not None:
+            pending.append(future)
+    for future in pending:
+        future.result()
+        progress.chunk_done()
 
 
 generate = generation_flow(

@@ -36,3 +36,31 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl(tiny_models) -> Path:
     return tiny_models("sdxl")
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(tmp_path_factory):
+    """`make serve`'s setup, shared by the real-server tests: a Prefect server, process workers on
+    cpu-pool and tpu-pool, the deployments, and the warm stage workers (encode; one denoise+decode)."""
+    from flows.local_stack import LocalStack
+
+    stack = LocalStack(tmp_path_factory.mktemp("prefect"), extra_env={"PREFECT_UI_ENABLED": "false"})
+    try:
+        stack.start(accelerator_workers=1)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def prefect_client(prefect_stack, monkeypatch):
+    """A sync client of the shared server; flows called in the test process use that server and its
+    storage too (stage workers read the runs' parameters there)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_stack.api_url)
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(prefect_stack.storage))
+    with temporary_settings({PREFECT_API_URL: prefect_stack.api_url, PREFECT_LOCAL_STORAGE_PATH: prefect_stack.storage}):
+        with get_client(sync_client=True) as client:
+            yield client
