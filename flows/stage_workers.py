@@ -98,7 +98,9 @@ class StageWorkerDispatch:
     def run(self) -> None:
         next_check = time.monotonic() + CHECK_SECONDS
         with get_client(sync_client=True) as client:
-            self._update_capacity()
+            workers = self._update_capacity()
+            self.logger.info("%d chunks for the stage workers (%s connected)", len(self.waiting),
+                             ", ".join(f"{stage} ×{count}" for stage, count in workers.items()))
             self._submit_ready()
             while self.in_flight:
                 time.sleep(POLL_SECONDS)
@@ -159,12 +161,13 @@ class StageWorkerDispatch:
             run = runs.get(run_id)
             if run is None or run.state is None or run.state.is_final():
                 continue
-            if run.state.is_scheduled():
+            if heartbeats.reported_running(run_id):
+                continue
+            if run.state.is_scheduled() and run.run_count == 0:  # not an attempt awaiting its retry
                 lost = proves_lost(heartbeats, chunk)
                 reason = "the server no longer queued it (a worker serving its stage stayed idle)"
             else:
-                lost = (not heartbeats.reported_running(run_id) and chunk.started_seen is not None
-                        and time.monotonic() - chunk.started_seen > LOST_AFTER_SECONDS)
+                lost = chunk.started_seen is not None and time.monotonic() - chunk.started_seen > LOST_AFTER_SECONDS
                 reason = f"no stage worker has reported it for {LOST_AFTER_SECONDS:.0f}s"
             if lost:
                 client.set_task_run_state(run_id, Crashed(message=f"lost: {reason}; submitted again"), force=True)
@@ -173,6 +176,8 @@ class StageWorkerDispatch:
                 self.logger.warning("%s run %s was lost (%s); submitted again as %s", chunk.stages[0], run.name,
                                     reason, chunk.run)
 
-    def _update_capacity(self) -> None:
-        for stage, workers in live_workers(STAGE_TASKS).items():
-            self.capacity[stage] = QUEUED_PER_WORKER * max(1, workers)
+    def _update_capacity(self) -> dict[str, int]:
+        workers = live_workers(STAGE_TASKS)
+        for stage, count in workers.items():
+            self.capacity[stage] = QUEUED_PER_WORKER * max(1, count)
+        return workers

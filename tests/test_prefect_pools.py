@@ -27,8 +27,8 @@ def stage_runs_of(client, generate_run) -> dict[str, list]:
 
 
 def params(model, store, **extra):
-    return {"model": str(model), "prompts": ["a red cat", "a blue dog"], "seeds": [0, 1], "steps": 2, "store": str(store),
-            "dispatch": "deployments", **extra}
+    return {"model": str(model), "prompts": ["a red cat", "a blue dog"], "seeds": [0, 1], "steps": 2, "height": 64,
+            "width": 64, "store": str(store), "dispatch": "deployments", **extra}
 
 
 def test_generate_deployment_runs_each_stage_on_its_pool(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
@@ -82,7 +82,7 @@ def test_a_bad_parameter_fails_a_stage_deployment_run_at_once(prefect_stack, pre
 
 def test_crashed_run_retried_from_the_ui_redoes_only_missing_items(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
     store = tmp_path / "store"
-    parameters = params(tiny_sdxl, store, steps=80, prompts=["a red cat"], seeds=[0, 1, 2, 3])
+    parameters = params(tiny_sdxl, store, steps=40, prompts=["a red cat"], seeds=[0, 1, 2, 3])
     run_deployment_cli(prefect_stack, "generate/stagediff", parameters, watch=False)
     deadline = time.monotonic() + 300
     while not list(store.glob("latents/sdxl/*.safetensors")) and time.monotonic() < deadline:
