@@ -118,6 +118,9 @@ async def _reason_to_skip(client, task_run: TaskRun, worker_id: str) -> str | No
         state = (await client.read_task_run(task_run.id)).state
     except ObjectNotFound:  # the server can deliver a new run before the run's record is committed
         return None
+    except Exception as error:  # doing a run twice costs time; dropping it would lose it
+        logger.warning("Could not read the state of %s (%s): running it", task_run.name, error)
+        return None
     if state is None or state.is_scheduled():
         return None
     if state.is_final():
