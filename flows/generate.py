@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.dispatch import stage_deployments_exist, submit_stage
 from flows.parameters import generation_flow
 from flows.reporting import RunProgress, publish_results
+from stagediff.confinement import check_location, check_run_name
 from stagediff.options import request_from_options
 from stagediff.plan import make_plan
 from stagediff.stages import missing_stages
@@ -39,6 +40,9 @@ def chunk_parameters(parameters: dict, prompts: list[str]) -> dict:
 def orchestrate(parameters: dict) -> str:
     logger = get_run_logger()
     request = request_from_options(parameters)
+    check_run_name(parameters["run_name"])
+    if parameters["manifest"]:
+        check_location("manifest", parameters["manifest"])
     plan = make_plan(request)
     plan.store.check_writable()
     dispatch = parameters["dispatch"]

@@ -7,6 +7,7 @@ import fsspec
 
 from flows.generate import generate
 from flows.parameters import GENERATE_OPTIONS, generation_flow
+from stagediff.confinement import check_location
 from stagediff.errors import StagediffError
 from stagediff.options import Option, option_named
 
@@ -22,6 +23,7 @@ SWEEP_OPTIONS: tuple[Option, ...] = (
 
 def read_prompt_file(uri: str) -> list[str]:
     """Non-empty lines of a local or fsspec (gs://) text file."""
+    check_location("prompt_file", uri)
     try:
         with fsspec.open(uri, "r") as file:
             return [line.strip() for line in file if line.strip()]

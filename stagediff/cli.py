@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 
+from stagediff.confinement import check_location, check_run_name
 from stagediff.errors import StagediffError
 from stagediff.options import GENERATION_OPTIONS, RUN_OPTIONS, request_from_options
 
@@ -72,6 +73,9 @@ def run(args) -> int:
         return 0
 
     request = request_from_options(vars(args))
+    check_run_name(args.run_name)
+    if args.manifest:
+        check_location("--manifest", args.manifest)
     from stagediff.plan import make_plan
 
     plan = make_plan(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from stagediff.confinement import check_location, check_run_name
 from stagediff.plan import Plan
 
 
@@ -13,6 +14,8 @@ def manifest_of(plan: Plan) -> dict:
     store = plan.store
     return {
         "model": plan.request.model,
+        "model_revision": plan.model.revision,
+        "model_fingerprints": plan.model_fingerprints,
         "family": plan.family.name,
         "settings": {
             "steps": plan.settings.steps,
@@ -40,6 +43,9 @@ def manifest_of(plan: Plan) -> dict:
 
 def write_manifest(plan: Plan, run_name: str, copy_to: str | None = None) -> str:
     """Write runs/<run_name>/manifest.json to the store, and a copy at `copy_to`; return the store URI."""
+    check_run_name(run_name)
+    if copy_to:
+        check_location("--manifest", copy_to)
     document = manifest_of(plan)
     uri = plan.store.write_json(f"runs/{run_name}/manifest.json", document)
     if copy_to:

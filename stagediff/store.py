@@ -16,20 +16,29 @@ import json
 import os
 import struct
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import fsspec
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stagediff import __version__
-from stagediff.errors import CorruptArtifact, StagediffError
+from stagediff.errors import CorruptArtifact, StagediffError, one_line
 
 KEY_METADATA = "stagediff.key"
 INPUTS_METADATA = "stagediff.inputs"
 CHECKSUM_METADATA = "stagediff.checksum"
 VERSION_METADATA = "stagediff.version"
+LEFTOVER_PREFIX = ".tmp-"
+"""Files being written are staged under this prefix beside their final name (local stores), or in the
+local temporary folder as `stagediff-*` (object stores); readers never look at them."""
+LOCAL_TEMP_PREFIX = "stagediff-"
+LEFTOVER_AGE_SECONDS = 3600
+"""A staged file this old belongs to a writer that died: no write takes an hour."""
 
 
 def content_key(inputs: Mapping) -> str:
@@ -83,24 +92,19 @@ class Store:
             self.fs.pipe_file(probe, b"")
             self.fs.rm_file(probe)
         except Exception as error:
-            raise StagediffError(f"store {self.uri} is not writable: {_one_line(error)}") from None
+            raise StagediffError(f"store {self.uri} is not writable: {one_line(error)}") from None
 
     def _check_bucket(self) -> None:
         bucket = self.root.split("/", 1)[0]
         try:
             found = self.fs.exists(bucket)
         except Exception as error:
-            raise StagediffError(f"store {self.uri}: cannot reach bucket {bucket!r}: {_one_line(error)}") from None
+            raise StagediffError(f"store {self.uri}: cannot reach bucket {bucket!r}: {one_line(error)}") from None
         if not found:
             raise StagediffError(f"store {self.uri}: bucket {bucket!r} does not exist or is not visible to these credentials")
 
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
-
-    def remove(self, relative: str) -> None:
-        """Delete an artifact if it is there."""
-        if self.exists(relative):
-            self.fs.rm_file(self.path(relative))
 
     # -- tensors -------------------------------------------------------------------------------
     def write_tensors(self, relative: str, tensors: Mapping[str, torch.Tensor], key: str, inputs: Mapping) -> str:
@@ -117,37 +121,60 @@ class Store:
             save_file(tensors, staged, metadata=metadata)
         return self.uri_of(relative)
 
-    def read_tensors(self, relative: str, key: str) -> dict[str, torch.Tensor]:
-        """Read and verify tensors; raise CorruptArtifact if they do not parse or match key/checksum."""
-        try:
-            with self._local_copy(relative) as local:
-                metadata = read_safetensors_header(local)
+    def read_artifact(self, relative: str, key: str) -> "Artifact":
+        """Read and verify tensors with their metadata. Raises CorruptArtifact if they do not parse or
+        match key/checksum, FileNotFoundError if absent; I/O errors propagate as they are (transient:
+        the caller retries, nothing is recomputed)."""
+        with self._local_copy(relative) as local:
+            metadata = read_safetensors_header(local, uri=self.uri_of(relative))
+            try:
                 tensors = load_file(local)
-        except FileNotFoundError:
-            raise
-        except Exception as error:
-            raise CorruptArtifact(f"corrupt artifact {self.uri_of(relative)}: {_one_line(error)}") from None
+            except SafetensorError as error:
+                raise CorruptArtifact(f"corrupt artifact {self.uri_of(relative)}: {one_line(error)}") from None
         if metadata.get(KEY_METADATA) != key:
             raise CorruptArtifact(f"artifact {self.uri_of(relative)} does not match its key {key}")
         if metadata.get(CHECKSUM_METADATA) != tensor_checksum(tensors):
             raise CorruptArtifact(f"artifact {self.uri_of(relative)} fails its checksum")
-        return tensors
+        return Artifact(tensors, metadata)
+
+    def read_tensors(self, relative: str, key: str) -> dict[str, torch.Tensor]:
+        """Read and verify tensors (see `read_artifact`)."""
+        return self.read_artifact(relative, key).tensors
 
     def read_metadata(self, relative: str) -> dict[str, str]:
         """The safetensors metadata of a stored artifact (key, inputs, checksum, version)."""
         with self._local_copy(relative) as local:
-            return read_safetensors_header(local)
+            return read_safetensors_header(local, uri=self.uri_of(relative))
 
     def has_valid_tensors(self, relative: str, key: str) -> bool:
         """True when the artifact exists and verifies; a corrupt one is reported and counts as missing."""
-        if not self.exists(relative):
-            return False
         try:
             self.read_tensors(relative, key)
+        except FileNotFoundError:
+            return False
         except CorruptArtifact as error:
             print(f"stagediff: {error}; recomputing it")
             return False
         return True
+
+    def remove_leftovers(self, relative_folder: str, older_than: float = LEFTOVER_AGE_SECONDS) -> list[str]:
+        """Delete files that writers killed mid-write left in a folder of a local store (and in the local
+        temporary folder), once they are `older_than` seconds old; return what was removed."""
+        removed = []
+        now = time.time()
+        candidates = []
+        if self.is_local:
+            folder = self.path(relative_folder)
+            if os.path.isdir(folder):
+                candidates += [entry.path for entry in os.scandir(folder) if entry.name.startswith(LEFTOVER_PREFIX)]
+        temp = tempfile.gettempdir()
+        candidates += [entry.path for entry in os.scandir(temp) if entry.name.startswith(LOCAL_TEMP_PREFIX)]
+        for path in candidates:
+            with contextlib.suppress(FileNotFoundError):
+                if now - os.stat(path).st_mtime >= older_than:
+                    os.remove(path)
+                    removed.append(path)
+        return removed
 
     # -- bytes ---------------------------------------------------------------------------------
     def write_bytes(self, relative: str, data: bytes) -> str:
@@ -167,9 +194,9 @@ class Store:
         parent, name = final.rsplit("/", 1)
         if self.is_local:
             os.makedirs(parent, exist_ok=True)
-            staged = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+            staged = f"{parent}/{LEFTOVER_PREFIX}{uuid.uuid4().hex}-{name}"
         else:
-            handle, staged = tempfile.mkstemp(suffix=f"-{name}")
+            handle, staged = tempfile.mkstemp(prefix=f"{LOCAL_TEMP_PREFIX}upload-", suffix=f"-{name}")
             os.close(handle)
         try:
             yield staged
@@ -187,7 +214,7 @@ class Store:
         if self.is_local:
             yield self.path(relative)
             return
-        handle, local = tempfile.mkstemp(suffix="-" + relative.rsplit("/", 1)[-1])
+        handle, local = tempfile.mkstemp(prefix=f"{LOCAL_TEMP_PREFIX}download-", suffix="-" + relative.rsplit("/", 1)[-1])
         os.close(handle)
         try:
             self.fs.get_file(self.path(relative), local)
@@ -202,14 +229,34 @@ class Store:
         return self.write_bytes(relative, json.dumps(value, indent=2).encode())
 
 
-def read_safetensors_header(path: str) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file, read from its JSON header."""
+@dataclass(frozen=True)
+class Artifact:
+    """Verified tensors of a stored artifact and its safetensors metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def read_safetensors_header(path: str, uri: str | None = None) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, read from its JSON header. Raises CorruptArtifact when
+    the header does not parse or the file's size is not the one its header describes (truncated or
+    padded); reads only the header."""
+    where = uri or path
+    size = os.path.getsize(path)
     with open(path, "rb") as file:
-        (header_size,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(header_size))
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise CorruptArtifact(f"corrupt artifact {where}: {size} bytes, shorter than a safetensors header")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > size - 8:
+            raise CorruptArtifact(f"corrupt artifact {where}: header of {header_size} bytes in a {size}-byte file")
+        try:
+            header = json.loads(file.read(header_size))
+            data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                           default=0)
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            raise CorruptArtifact(f"corrupt artifact {where}: unreadable header ({one_line(error)})") from None
+    if 8 + header_size + data_end != size:
+        raise CorruptArtifact(f"corrupt artifact {where}: {size} bytes, its header describes {8 + header_size + data_end}")
     return header.get("__metadata__", {})
 
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

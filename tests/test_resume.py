@@ -33,7 +33,8 @@ def test_rerun_reuses_every_artifact(tiny_sdxl, tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_deleting_one_latents_file_recomputes_only_that_item_and_its_media(tiny_sdxl, tmp_path):
+def test_deleting_one_latents_file_recomputes_only_those_latents(tiny_sdxl, tmp_path):
+    """The recomputed latents are the same bytes, so the media decoded from them stays valid."""
     request = _request(tiny_sdxl, tmp_path)
     run_all_stages(request)
     victim = make_plan(request).items[2]
@@ -41,9 +42,26 @@ def test_deleting_one_latents_file_recomputes_only_that_item_and_its_media(tiny_
     before = snapshot(tmp_path)
 
     results = run_all_stages(request)
-    assert computed(results) == {"encode": 0, "denoise": 1, "decode": 1}
+    assert computed(results) == {"encode": 0, "denoise": 1, "decode": 0}
     changed = {path for path, mtime in snapshot(tmp_path).items() if before.get(path) != mtime}
-    assert changed == {victim.latents_path, victim.media_path}
+    assert changed == {victim.latents_path}
+
+
+def test_media_decoded_from_other_latents_is_stale_and_decoded_again(tiny_sdxl, tmp_path):
+    """Latents rewritten with other values (another backend, another machine) under the same key make
+    the media decoded from the old ones stale: decode redoes exactly that item, and nothing is deleted."""
+    request = _request(tiny_sdxl, tmp_path)
+    run_all_stages(request)
+    plan = make_plan(request)
+    victim = plan.items[1]
+    latents = plan.store.read_tensors(victim.latents_path, victim.latents_key)["latents"]
+    plan.store.write_tensors(victim.latents_path, {"latents": latents + 0.5}, victim.latents_key, victim.latents_inputs)
+    before = snapshot(tmp_path)
+
+    results = run_all_stages(request)
+    assert computed(results) == {"encode": 0, "denoise": 0, "decode": 1}
+    changed = {path for path, mtime in snapshot(tmp_path).items() if before.get(path) != mtime}
+    assert changed == {victim.media_path}
 
 
 def test_adding_a_seed_encodes_nothing_new(tiny_sdxl, tmp_path):
@@ -60,5 +78,6 @@ def test_corrupt_latents_are_recomputed(tiny_sdxl, tmp_path):
     path.write_bytes(path.read_bytes()[:100])
 
     results = run_all_stages(request)
-    assert computed(results) == {"encode": 0, "denoise": 1, "decode": 1}
+    # The recomputed latents are the bytes the media was decoded from: it stays.
+    assert computed(results) == {"encode": 0, "denoise": 1, "decode": 0}
     make_plan(request).store.read_tensors(item.latents_path, item.latents_key)
