@@ -129,10 +129,16 @@ def looks_like_hub_id(reference: str) -> bool:
     return len(parts) == 2 and all(parts) and not reference.startswith((".", "/", "~"))
 
 
-@functools.lru_cache(maxsize=64)
 def _read_component_config(folder: Path, component: str) -> dict:
     for name in ("config.json", "scheduler_config.json"):
         path = folder / component / name
         if path.is_file():
-            return json.loads(path.read_text())
+            stat = path.stat()
+            return _read_json(path, stat.st_mtime_ns, stat.st_size)
     raise StagediffError(f"model {folder} has no config for component {component!r}")
+
+
+@functools.lru_cache(maxsize=256)
+def _read_json(path: Path, mtime_ns: int, size: int) -> dict:
+    """A JSON file, read again when it changes (long-lived workers see checkpoints saved in place)."""
+    return json.loads(path.read_text())

@@ -144,6 +144,7 @@ def encode(plan: Plan, progress: Progress | None = None) -> StageResult:
     pending = [e for e in embeddings if not store.has_valid_tensors(e.path, e.key)]
     if not pending:
         return result
+    _remove_leftovers(store, [e.path for e in pending])
     with _stage_locks[ENCODE]:
         loaded, result.load_seconds = _stage_pipeline(plan, ENCODE)
         progress.stage_started(ENCODE, len(pending))
@@ -171,6 +172,7 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
     # Read each needed embedding once, before loading anything: a missing one fails fast.
     first_user = {item.embedding.key: item for item in reversed(pending)}
     embeddings = {key: _read_embeddings(plan, item) for key, item in first_user.items()}
+    _remove_leftovers(store, [item.latents_path for item in pending])
     with _stage_locks[DENOISE]:
         loaded, result.load_seconds = _stage_pipeline(plan, DENOISE)
         compiles_before = len(loaded.compile_seconds)
@@ -214,6 +216,7 @@ def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
     pending = [item for item in items if not _has_valid_media(plan, item)]
     if not pending:
         return result
+    _remove_leftovers(store, [item.media_path for item in pending])
     with _stage_locks[DECODE]:
         loaded, result.load_seconds = _stage_pipeline(plan, DECODE)
         progress.stage_started(DECODE, len(pending))
@@ -247,6 +250,12 @@ def missing_stages(plan: Plan) -> list[str]:
     if missing_latents or not all(_has_valid_media(plan, item) for item in plan.items):
         needed.append(DECODE)
     return needed
+
+
+def _remove_leftovers(store, paths: list[str]) -> None:
+    """Delete what killed writers left in the folders this stage writes to."""
+    for folder in sorted({path.rsplit("/", 1)[0] for path in paths}):
+        store.remove_leftovers(folder)
 
 
 def _has_valid_media(plan: Plan, item: Item) -> bool:

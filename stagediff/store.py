@@ -35,8 +35,8 @@ CHECKSUM_METADATA = "stagediff.checksum"
 VERSION_METADATA = "stagediff.version"
 LEFTOVER_PREFIX = ".tmp-"
 """Files being written are staged under this prefix beside their final name (local stores), or in the
-local temporary folder as `stagediff-*` (object stores); readers never look at them."""
-LOCAL_TEMP_PREFIX = "stagediff-"
+local temporary folder under `LOCAL_TEMP_PREFIXES` (object stores); readers never look at them."""
+LOCAL_TEMP_PREFIXES = ("stagediff-upload-", "stagediff-download-")
 LEFTOVER_AGE_SECONDS = 3600
 """A staged file this old belongs to a writer that died: no write takes an hour."""
 
@@ -167,8 +167,9 @@ class Store:
             folder = self.path(relative_folder)
             if os.path.isdir(folder):
                 candidates += [entry.path for entry in os.scandir(folder) if entry.name.startswith(LEFTOVER_PREFIX)]
+        candidates = [path for path in candidates if os.path.isfile(path)]
         temp = tempfile.gettempdir()
-        candidates += [entry.path for entry in os.scandir(temp) if entry.name.startswith(LOCAL_TEMP_PREFIX)]
+        candidates += [entry.path for entry in os.scandir(temp) if entry.name.startswith(LOCAL_TEMP_PREFIXES)]
         for path in candidates:
             with contextlib.suppress(FileNotFoundError):
                 if now - os.stat(path).st_mtime >= older_than:
@@ -196,7 +197,7 @@ class Store:
             os.makedirs(parent, exist_ok=True)
             staged = f"{parent}/{LEFTOVER_PREFIX}{uuid.uuid4().hex}-{name}"
         else:
-            handle, staged = tempfile.mkstemp(prefix=f"{LOCAL_TEMP_PREFIX}upload-", suffix=f"-{name}")
+            handle, staged = tempfile.mkstemp(prefix=LOCAL_TEMP_PREFIXES[0], suffix=f"-{name}")
             os.close(handle)
         try:
             yield staged
@@ -214,7 +215,7 @@ class Store:
         if self.is_local:
             yield self.path(relative)
             return
-        handle, local = tempfile.mkstemp(prefix=f"{LOCAL_TEMP_PREFIX}download-", suffix="-" + relative.rsplit("/", 1)[-1])
+        handle, local = tempfile.mkstemp(prefix=LOCAL_TEMP_PREFIXES[1], suffix="-" + relative.rsplit("/", 1)[-1])
         os.close(handle)
         try:
             self.fs.get_file(self.path(relative), local)

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers import snapshot
 from stagediff.cli import main
+from stagediff.confinement import ALLOWED_ROOTS_VARIABLE
 from stagediff.media import read_png_metadata
 
 
@@ -71,6 +73,10 @@ BAD_INPUTS = {
     "empty prompt": (lambda m, t: ["--prompt", "  "], "--prompt '  '"),
     "height not a multiple of the VAE factor": (lambda m, t: ["--height", "100"], "--height 100"),
     "unwritable store": (lambda m, t: ["--store", str(t / "a-file/store")], "a-file/store is not writable"),
+    "run name leaving the store": (lambda m, t: ["--run-name", "../../escape"], "--run-name '../../escape'"),
+    "unknown backend": (lambda m, t: ["--backend", "gpu"], "invalid choice: 'gpu'"),
+    "mesh on the torch backend": (lambda m, t: ["--backend", "torch", "--mesh", "tp=8"], "--mesh tp=8 needs --backend torchax"),
+    "mesh the devices do not fit": (lambda m, t: ["--backend", "torchax", "--mesh", "tp=3"], "needs 3 devices"),
 }
 
 
@@ -79,13 +85,31 @@ def test_bad_input_fails_with_one_line_and_no_artifacts(case, tiny_sdxl, tmp_pat
     (tmp_path / "a-file").write_text("")
     make_args, expected = BAD_INPUTS[case]
     args = _args(tiny_sdxl, tmp_path / "store") + make_args(tiny_sdxl, tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         sys.exit(main(args))
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("stagediff: error: ") and error.count("\n") == 1, error
     assert expected in error
-    assert not (tmp_path / "store").exists()
+    assert snapshot(tmp_path) == before  # nothing written, in the store or anywhere else
+
+
+@pytest.mark.parametrize("where", ["store", "store-through-dotdot", "manifest", "model"])
+def test_a_worker_with_allowed_roots_refuses_what_lies_outside_them(where, tiny_sdxl, tmp_path, monkeypatch, capsys):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    monkeypatch.setenv(ALLOWED_ROOTS_VARIABLE, f"{allowed},{tiny_sdxl},gs://some-bucket/stagediff")
+    options = {"store": str(allowed / "store"), "manifest": str(allowed / "manifest.json"), "model": str(tiny_sdxl)}
+    outside = {"store": str(tmp_path / "elsewhere"), "store-through-dotdot": f"{allowed}/../elsewhere",
+               "manifest": str(tmp_path / "manifest.json"), "model": str(tmp_path)}
+    options[where.split("-")[0]] = outside[where]
+    args = ["generate", "--prompt", "a cat", "--seed", "0", *(f"--{k}={v}" for k, v in options.items())]
+    before = snapshot(tmp_path)
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert f"{outside[where]} is outside the roots this worker allows" in error and error.count("\n") == 1
+    assert snapshot(tmp_path) == before
 
 
 def test_bad_input_exits_without_traceback(tmp_path):

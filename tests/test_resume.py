@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from helpers import run_all_stages, snapshot
+from stagediff import stages
 from stagediff.plan import make_plan
 from stagediff.request import Request
 
@@ -81,3 +84,27 @@ def test_corrupt_latents_are_recomputed(tiny_sdxl, tmp_path):
     # The recomputed latents are the bytes the media was decoded from: it stays.
     assert computed(results) == {"encode": 0, "denoise": 1, "decode": 0}
     make_plan(request).store.read_tensors(item.latents_path, item.latents_key)
+
+
+def test_denoise_never_deletes_media(tiny_sdxl, tmp_path):
+    """Another run reading the manifest may be serving this file: recomputing latents leaves it."""
+    request = _request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",))
+    run_all_stages(request)
+    plan = make_plan(request)
+    item = plan.items[0]
+    Path(tmp_path, item.latents_path).write_bytes(b"garbage")
+    before = snapshot(tmp_path)[item.media_path]
+    assert stages.denoise(plan).computed == 1
+    assert snapshot(tmp_path)[item.media_path] == before
+
+
+def test_a_run_that_writes_removes_what_killed_writers_left(tiny_sdxl, tmp_path):
+    request = _request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",))
+    item = make_plan(request).items[0]
+    leftover = Path(tmp_path, item.latents_path).with_name(".tmp-0f0f-dead.safetensors")
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half written")
+    os.utime(leftover, (time.time() - 7200,) * 2)
+    run_all_stages(request)
+    assert not leftover.exists()
+    assert [p.name for p in leftover.parent.iterdir()] == [Path(item.latents_path).name]
