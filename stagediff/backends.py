@@ -30,6 +30,13 @@ def _jax_platform() -> str:
         return "none"
 
 
+def denoises_on_cpu(backend: str) -> bool:
+    """True when denoising with `backend` here would run on this machine's CPU (no GPU or TPU)."""
+    if resolve_backend(backend) == "torch":
+        return not torch.cuda.is_available()
+    return _jax_platform() == "cpu"
+
+
 def default_mesh(backend: str, batch_size: int, weights: Path) -> str | None:
     """The mesh when `--mesh` is not given: on a multi-chip TPU host, `tpu_ops.mesh.default_mesh_spec`
     for the model whose safetensors are in `weights` and this batch; elsewhere none (one device)."""

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from pathlib import Path
 
 from stagediff.confinement import check_location, check_run_name
 from stagediff.plan import Plan
+
+
+ARTIFACT_FOLDERS = ("embeddings", "latents", "media")
+
+
+def artifact_path(uri: str) -> str:
+    """The store-relative path (`latents/sdxl/<key>.safetensors`) of an artifact URI in a manifest, whichever
+    store, or wherever the store has moved since."""
+    parts = uri.split("/")
+    start = max(index for index, part in enumerate(parts) if part in ARTIFACT_FOLDERS)
+    return "/".join(parts[start:])
+
+
+def default_run_name(model: str) -> str:
+    """`<model name>-<date>-<time>-<random>`: unique, and sorted by time."""
+    return f"{model.rstrip('/').rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def manifest_of(plan: Plan) -> dict:

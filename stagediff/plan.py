@@ -91,7 +91,9 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
     settings = resolve_settings(request, model)
     if request.negative_prompt is not None and not family.uses_negative_prompt:
         raise StagediffError(f"--negative-prompt is not supported by {family.name} models (their pipeline takes none)")
-    negative = request.negative_prompt if request.negative_prompt is not None else family.default_negative_prompt or None
+    default_negative = request.negative_prompt if request.negative_prompt is not None else family.default_negative_prompt or None
+    if not family.uses_negative_prompt and any(own is not None for _, own in request.prompt_pairs):
+        raise StagediffError(f"negative prompts are not supported by {family.name} models (their pipeline takes none)")
 
     model.check_safetensors(family.encode_components + family.denoise_components + family.decode_components)
     encoders = model.fingerprint(family.encode_components)
@@ -100,7 +102,8 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
 
     embeddings: dict[str, Embedding] = {}
     items = []
-    for prompt in dict.fromkeys(request.prompts):
+    for prompt, own_negative in request.prompt_pairs:
+        negative = own_negative if own_negative is not None else default_negative
         inputs = {
             "family": family.name,
             "model": encoders,

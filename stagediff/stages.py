@@ -108,6 +108,7 @@ def _load_pipeline(plan: Plan, wanted: tuple[str, ...]):
     """The family's pipeline with only the `wanted` components loaded (safetensors weights only)."""
     plan.model.fetch(wanted)
     with _model_loading:
+        _quiet_loading()
         own = plan.family.own_components(plan.model.folder, wanted)
         skipped = {name: None for name in plan.model.components() if name not in wanted or name in own}
         pipe = plan.family.pipeline_class().from_pretrained(
@@ -116,6 +117,15 @@ def _load_pipeline(plan: Plan, wanted: tuple[str, ...]):
     if own:
         pipe.register_modules(**own)
     return pipe
+
+
+def _quiet_loading() -> None:
+    """No per-component loading bars: a stage reports its own progress (terminal bars, UI artifacts)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def loaded_components(stage: str) -> tuple[str, ...]:
@@ -227,29 +237,12 @@ def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
             with torch.no_grad():
                 frames = plan.family.decode(loaded.pipe, latents.tensors["latents"], plan.settings)
                 data = media_bytes(extension, frames, plan.settings.fps, metadata)
-            uri = store.write_bytes(item.media_path, data)
+            uri = store.write_bytes(item.media_path, data, {"latents-checksum": metadata[LATENTS_CHECKSUM]})
             result.item_seconds.append(time.perf_counter() - start)
             progress.item_done(DECODE, uri)
         progress.stage_finished(DECODE)
     result.computed = len(pending)
     return result
-
-
-def missing_stages(plan: Plan) -> list[str]:
-    """The stages that still have work for this plan, judged from the store alone (no model loaded)."""
-    store = plan.store
-    missing_latents = [item for item in plan.items if not store.has_valid_tensors(item.latents_path, item.latents_key)]
-    needed = []
-    if missing_latents and any(
-        not store.has_valid_tensors(e.path, e.key)
-        for e in {item.embedding.key: item.embedding for item in missing_latents}.values()
-    ):
-        needed.append(ENCODE)
-    if missing_latents:
-        needed.append(DENOISE)
-    if missing_latents or not all(_has_valid_media(plan, item) for item in plan.items):
-        needed.append(DECODE)
-    return needed
 
 
 def _remove_leftovers(store, paths: list[str]) -> None:

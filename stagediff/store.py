@@ -39,6 +39,9 @@ local temporary folder under `LOCAL_TEMP_PREFIXES` (object stores); readers neve
 LOCAL_TEMP_PREFIXES = ("stagediff-upload-", "stagediff-download-")
 LEFTOVER_AGE_SECONDS = 3600
 """A staged file this old belongs to a writer that died: no write takes an hour."""
+SUMMARY_PREFIX = "stagediff-"
+"""Object-store metadata of every upload: its summary (key, checksum, ...) and its size in bytes, so that
+a listing alone tells a complete artifact from a missing or foreign one."""
 
 
 def content_key(inputs: Mapping) -> str:
@@ -106,6 +109,29 @@ class Store:
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
 
+    def list_folder(self, relative_folder: str) -> dict[str, "Listed"]:
+        """The files of a folder, by name, from one listing (paged by the object store): sizes, and on
+        object stores the summaries their writers recorded. Never reads a body."""
+        if self.is_local:
+            try:
+                entries = list(os.scandir(self.path(relative_folder)))
+            except FileNotFoundError:
+                return {}
+            return {entry.name: Listed(entry.stat().st_size, None) for entry in entries
+                    if entry.is_file() and not entry.name.startswith(LEFTOVER_PREFIX)}
+        try:
+            infos = self.fs.ls(self.path(relative_folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        listed = {}
+        for info in infos:
+            if info.get("type") == "file":
+                recorded = {k.removeprefix(SUMMARY_PREFIX): v for k, v in (info.get("metadata") or {}).items()
+                            if k.startswith(SUMMARY_PREFIX)}
+                complete = recorded.get("bytes") == str(info["size"])
+                listed[info["name"].rsplit("/", 1)[-1]] = Listed(int(info["size"]), recorded if complete else {})
+        return listed
+
     # -- tensors -------------------------------------------------------------------------------
     def write_tensors(self, relative: str, tensors: Mapping[str, torch.Tensor], key: str, inputs: Mapping) -> str:
         """Write tensors (dtype kept) with their key, key inputs, checksum and version; return the URI."""
@@ -117,7 +143,8 @@ class Store:
             VERSION_METADATA: __version__,
         }
         # Serialised straight to a file, never as one more in-memory copy of the tensors.
-        with self._staged_file(relative) as staged:
+        summary = {"key": key, "checksum": metadata[CHECKSUM_METADATA]}
+        with self._staged_file(relative, summary) as staged:
             save_file(tensors, staged, metadata=metadata)
         return self.uri_of(relative)
 
@@ -157,36 +184,59 @@ class Store:
             return False
         return True
 
-    def remove_leftovers(self, relative_folder: str, older_than: float = LEFTOVER_AGE_SECONDS) -> list[str]:
-        """Delete files that writers killed mid-write left in a folder of a local store (and in the local
-        temporary folder), once they are `older_than` seconds old; return what was removed."""
-        removed = []
-        now = time.time()
+    def leftovers(self, relative_folder: str, older_than: float = LEFTOVER_AGE_SECONDS) -> list[str]:
+        """Files that writers killed mid-write left below a folder of a local store (and in the local
+        temporary folder), once they are `older_than` seconds old (younger ones may be being written)."""
         candidates = []
         if self.is_local:
-            folder = self.path(relative_folder)
-            if os.path.isdir(folder):
-                candidates += [entry.path for entry in os.scandir(folder) if entry.name.startswith(LEFTOVER_PREFIX)]
-        candidates = [path for path in candidates if os.path.isfile(path)]
-        temp = tempfile.gettempdir()
-        candidates += [entry.path for entry in os.scandir(temp) if entry.name.startswith(LOCAL_TEMP_PREFIXES)]
+            for folder, _, names in os.walk(self.path(relative_folder)):
+                candidates += [os.path.join(folder, name) for name in names if name.startswith(LEFTOVER_PREFIX)]
+        candidates += [entry.path for entry in os.scandir(tempfile.gettempdir())
+                       if entry.name.startswith(LOCAL_TEMP_PREFIXES)]
+        now = time.time()
+        found = []
         for path in candidates:
             with contextlib.suppress(FileNotFoundError):
-                if now - os.stat(path).st_mtime >= older_than:
-                    os.remove(path)
-                    removed.append(path)
+                if os.path.isfile(path) and now - os.stat(path).st_mtime >= older_than:
+                    found.append(path)
+        return found
+
+    def remove_leftovers(self, relative_folder: str, older_than: float = LEFTOVER_AGE_SECONDS) -> list[str]:
+        """Delete `leftovers(relative_folder, older_than)`; return what was removed."""
+        removed = []
+        for path in self.leftovers(relative_folder, older_than):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed.append(path)
         return removed
 
+    def walk(self, relative_folder: str) -> dict[str, "Listed"]:
+        """Every file below a folder (relative path → listing entry), leftovers aside; paged listings."""
+        try:
+            infos = self.fs.find(self.path(relative_folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        root = self.path("")
+        return {
+            path.removeprefix(root): Listed(int(info["size"]), None, _modified(info))
+            for path, info in infos.items()
+            if not path.rsplit("/", 1)[-1].startswith(LEFTOVER_PREFIX)
+        }
+
+    def remove(self, relative: str) -> None:
+        """Delete one file (`stagediff verify --repair`, `stagediff gc`: no stage deletes an artifact)."""
+        self.fs.rm_file(self.path(relative))
+
     # -- bytes ---------------------------------------------------------------------------------
-    def write_bytes(self, relative: str, data: bytes) -> str:
-        """Write atomically (see `_staged_file`)."""
-        with self._staged_file(relative) as staged:
+    def write_bytes(self, relative: str, data: bytes, summary: Mapping[str, str] | None = None) -> str:
+        """Write atomically (see `_staged_file`), with `summary` in the object metadata on object stores."""
+        with self._staged_file(relative, summary or {}) as staged:
             with open(staged, "wb") as file:
                 file.write(data)
         return self.uri_of(relative)
 
     @contextlib.contextmanager
-    def _staged_file(self, relative: str) -> Iterator[str]:
+    def _staged_file(self, relative: str, summary: Mapping[str, str]) -> Iterator[str]:
         """A local file to write; on success it becomes the artifact at once, so readers never see half
         a file. Local stores rename it into place; object stores upload it in one request, and an
         object exists only once its upload completes. Concurrent writers of one key each publish a
@@ -204,7 +254,8 @@ class Store:
             if self.is_local:
                 self.fs.mv(staged, final)
             else:
-                self.fs.put_file(staged, final)
+                recorded = {**summary, "bytes": str(os.path.getsize(staged))}
+                self.fs.put_file(staged, final, metadata={SUMMARY_PREFIX + k: v for k, v in recorded.items()})
         finally:
             if os.path.exists(staged):
                 os.remove(staged)
@@ -231,11 +282,29 @@ class Store:
 
 
 @dataclass(frozen=True)
+class Listed:
+    """One file as a listing shows it."""
+
+    size: int
+    summary: dict[str, str] | None
+    """What its writer recorded (object stores; empty when absent or for another size); None on local
+    stores, whose files hold it in their headers."""
+    modified: float | None = None
+    """Seconds since the epoch (for `walk`)."""
+
+
+@dataclass(frozen=True)
 class Artifact:
     """Verified tensors of a stored artifact and its safetensors metadata."""
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
+
+
+def _modified(info: dict) -> float | None:
+    """The modification time in a listing entry: a number (local files) or a datetime (gcsfs)."""
+    value = info.get("mtime")
+    return value.timestamp() if hasattr(value, "timestamp") else value
 
 
 def read_safetensors_header(path: str, uri: str | None = None) -> dict[str, str]:

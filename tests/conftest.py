@@ -48,3 +48,22 @@ def eight_devices():
     import jax
 
     assert jax.device_count() >= 8, f"JAX sees {jax.device_count()} devices; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}"
+
+
+@pytest.fixture(scope="session")
+def emulator():
+    """One fake-gcs-server for the session, with bucket `gcs_emulator.BUCKET`, and STORAGE_EMULATOR_HOST
+    pointing at it."""
+    from gcs_emulator import BUCKET, Emulator
+    from stagediff import gcs
+
+    server = Emulator()
+    previous = os.environ.get(gcs.EMULATOR_VARIABLE)
+    os.environ[gcs.EMULATOR_VARIABLE] = server.url
+    gcs.filesystem().mkdir(BUCKET)
+    yield server
+    if previous is None:
+        os.environ.pop(gcs.EMULATOR_VARIABLE)
+    else:
+        os.environ[gcs.EMULATOR_VARIABLE] = previous
+    server.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gcs_emulator import Emulator, FaultyProxy
+from gcs_emulator import BUCKET, FaultyProxy
 from helpers import run_all_stages
 from stagediff import gcs
 from stagediff.errors import StagediffError
@@ -21,21 +21,6 @@ from stagediff.plan import make_plan
 from stagediff.request import Request
 from stagediff.store import Store, content_key
 
-BUCKET = "stagediff-test"
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    server = Emulator()
-    previous = os.environ.get(gcs.EMULATOR_VARIABLE)
-    os.environ[gcs.EMULATOR_VARIABLE] = server.url
-    gcs.filesystem().mkdir(BUCKET)
-    yield server
-    if previous is None:
-        os.environ.pop(gcs.EMULATOR_VARIABLE)
-    else:
-        os.environ[gcs.EMULATOR_VARIABLE] = previous
-    server.stop()
 
 
 @pytest.fixture
