@@ -77,49 +77,65 @@ def _quiet_libraries() -> None:
 def run(args, generate=None) -> int:
     """Run one command; `generate(args) -> manifest URI` replaces the in-process batch (the
     Prefect-recorded run of `flows.cli`)."""
-    if args.command == "tiny-model":
-        from stagediff.tiny import build_tiny_model
+    if args.command == "generate":
+        return _generate(args, generate)
+    return COMMANDS[args.command](args)
 
-        print(build_tiny_model(args.family, args.folder, args.scale))
-        return 0
 
-    if args.command in HOUSEKEEPING_COMMANDS:
-        return HOUSEKEEPING_COMMANDS[args.command](args)
-    if args.command == "status" and args.run:
-        return _status_of_run(args)
+def _tiny_model(args) -> int:
+    from stagediff.tiny import build_tiny_model
+
+    print(build_tiny_model(args.family, args.folder, args.scale))
+    return 0
+
+
+def _plan(args):
+    """The validated plan of the command's batch; nothing is written yet."""
+    from stagediff.plan import make_plan
+
     request = request_from_options(vars(args))
     check_run_name(args.run_name)
     if args.manifest:
         check_location("--manifest", args.manifest)
-    from stagediff.plan import make_plan
+    return make_plan(request)
 
-    plan = make_plan(request)
-    if args.command == "status":
-        from stagediff.inventory import plan_state
 
-        return _print_state(plan.store, plan_state(plan))
-    plan.store.check_writable()
+def _generate(args, generate=None) -> int:
+    from stagediff.batch import run_batch
+    from stagediff.manifest import default_run_name
     from stagediff.progress import TqdmProgress
 
-    if args.command == "generate":
-        from stagediff.batch import run_batch
-        from stagediff.manifest import default_run_name
+    plan = _plan(args)
+    plan.store.check_writable()
+    if generate is not None:
+        manifest_uri = generate(args)
+    else:
+        run_name = args.run_name or default_run_name(plan.request.model)
+        manifest_uri = run_batch(plan, run_name, args.manifest, TqdmProgress())
+    print(f"manifest: {manifest_uri}")
+    for item in plan.items:
+        print(plan.store.uri_of(item.media_path))
+    return 0
 
-        if generate is not None:
-            manifest_uri = generate(args)
-        else:
-            manifest_uri = run_batch(plan, args.run_name or default_run_name(request.model), args.manifest, TqdmProgress())
-        print(f"manifest: {manifest_uri}")
-        for uri in [plan.store.uri_of(item.media_path) for item in plan.items]:
-            print(uri)
-        return 0
 
+def _stage(args) -> int:
     from stagediff import stages
+    from stagediff.progress import TqdmProgress
 
-    result = getattr(stages, args.command)(plan, progress=TqdmProgress())
-    for uri in result.uris:
+    plan = _plan(args)
+    plan.store.check_writable()
+    for uri in getattr(stages, args.command)(plan, progress=TqdmProgress()).uris:
         print(uri)
     return 0
+
+
+def _status(args) -> int:
+    if args.run:
+        return _status_of_run(args)
+    from stagediff.inventory import plan_state
+
+    plan = _plan(args)
+    return _print_state(plan.store, plan_state(plan))
 
 
 def _status_of_run(args) -> int:
@@ -183,7 +199,8 @@ def _gc(args) -> int:
     return 0
 
 
-HOUSEKEEPING_COMMANDS = {"verify": _verify, "gc": _gc}
+COMMANDS = {"encode": _stage, "denoise": _stage, "decode": _stage, "status": _status, "verify": _verify, "gc": _gc,
+            "tiny-model": _tiny_model}
 
 
 def generate_parameters(args) -> dict:
