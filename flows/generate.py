@@ -8,9 +8,6 @@ warm stage workers, as flow runs of the stage deployments, or in-process (`flows
 
 from __future__ import annotations
 
-import time
-import uuid
-
 from prefect import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -18,9 +15,11 @@ from flows.dispatch import DEPLOYMENTS, WARM, resolve_dispatch, submit_stage
 from flows.parameters import generation_flow
 from flows.reporting import RunProgress, publish_results
 from flows.stage_workers import ChunkRun, StageWorkerDispatch
+from stagediff.confinement import check_location, check_run_name
+from stagediff.inventory import Inventory, plan_state
+from stagediff.manifest import default_run_name
 from stagediff.options import request_from_options
 from stagediff.plan import make_plan
-from stagediff.stages import missing_stages
 from tasks import write_manifest_task
 
 PROMPTS_PER_CHUNK = {WARM: 1, DEPLOYMENTS: 4, "in-process": 1}
@@ -30,36 +29,37 @@ loads its model, and larger chunks amortise that."""
 WHERE = {WARM: "on the stage workers", DEPLOYMENTS: "on their work pools", "in-process": "in-process"}
 
 
-def default_run_name(model: str) -> str:
-    return f"{model.rstrip('/').rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-
-
-def chunk_parameters(parameters: dict, prompts: list[str]) -> dict:
-    return {**parameters, "prompts": prompts}
+def chunk_parameters(parameters: dict, prompts: list[str | dict]) -> dict:
+    """A chunk's parameters: its prompts, given in full (the prompt file was read once, for the run)."""
+    return {**parameters, "prompts": prompts, "prompt_file": None}
 
 
 def orchestrate(parameters: dict) -> str:
     logger = get_run_logger()
     request = request_from_options(parameters)
+    check_run_name(parameters["run_name"])
+    if parameters["manifest"]:
+        check_location("manifest", parameters["manifest"])
     plan = make_plan(request)
     plan.store.check_writable()
     dispatch = resolve_dispatch(parameters["dispatch"])
     logger.info("%d items, stages %s", len(plan.items), WHERE[dispatch])
 
     per_chunk = parameters["prompts_per_chunk"] or PROMPTS_PER_CHUNK[dispatch]
-    prompts = list(dict.fromkeys(request.prompts))
+    prompts = [text if negative is None else {"prompt": text, "negative_prompt": negative}
+               for text, negative in request.prompt_pairs]
+    inventory = Inventory(plan.store)
+    progress = RunProgress(len(plan.items), done=plan_state(plan, inventory).done_items)
     chunks = []
     for first in range(0, len(prompts), per_chunk):
         params = chunk_parameters(parameters, prompts[first : first + per_chunk])
-        chunks.append(ChunkRun(params, missing_stages(make_plan(request_from_options(params), model=plan.model))))
-    progress = RunProgress(plan, items_per_chunk=per_chunk * len(set(request.seeds)))
-    for chunk in chunks:
-        if not chunk.stages:  # already in the store
-            progress.chunk_done()
+        state = plan_state(make_plan(request_from_options(params), model=plan.model), inventory)
+        chunks.append(ChunkRun(params, state.missing_stages, items=len(state.media) - state.done_items))
     if dispatch == WARM:
-        StageWorkerDispatch(chunks, on_chunk_done=progress.chunk_done).run()
+        StageWorkerDispatch(chunks, on_chunk_done=lambda chunk: progress.advance(chunk.items)).run()
     else:
         run_chained(chunks, dispatch, progress)
+    progress.finish()
 
     run_name = parameters["run_name"] or default_run_name(request.model)
     manifest_uri = write_manifest_task(request.to_dict(), run_name, parameters["manifest"])
@@ -76,10 +76,10 @@ def run_chained(chunks: list[ChunkRun], dispatch: str, progress: RunProgress) ->
         for stage in chunk.stages:
             future = submit_stage(stage, chunk.parameters, dispatch, wait_for=[future] if future else [])
         if future is not None:
-            pending.append(future)
-    for future in pending:
+            pending.append((future, chunk))
+    for future, chunk in pending:
         future.result()
-        progress.chunk_done()
+        progress.advance(chunk.items)
 
 
 generate = generation_flow(

@@ -68,6 +68,8 @@ class ChunkRun:
 
     parameters: dict
     stages: list[str]
+    items: int = 0
+    """Its items the store does not hold yet."""
     run: UUID | None = None
     """The task run of its current stage."""
     submitted_at: datetime.datetime | None = None
@@ -88,7 +90,7 @@ def proves_lost(heartbeats: Heartbeats, chunk: ChunkRun) -> bool:
 class StageWorkerDispatch:
     """Runs chunks' stages on the stage workers; `run()` returns when every chunk has finished."""
 
-    def __init__(self, chunks: list[ChunkRun], on_chunk_done: Callable[[], None]):
+    def __init__(self, chunks: list[ChunkRun], on_chunk_done: Callable[[ChunkRun], None]):
         self.waiting = [chunk for chunk in chunks if chunk.stages]
         self.in_flight: dict[UUID, ChunkRun] = {}
         self.on_chunk_done = on_chunk_done
@@ -153,7 +155,7 @@ class StageWorkerDispatch:
         if chunk.stages:
             self._submit(chunk, after=finished)
         else:
-            self.on_chunk_done()
+            self.on_chunk_done(chunk)
 
     def _resubmit_lost(self, client, runs: dict[UUID, TaskRun]) -> None:
         heartbeats = read_heartbeats(client, LOST_AFTER_SECONDS)
