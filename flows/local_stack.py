@@ -32,6 +32,9 @@ STAGE_WORKERS = {"encode": "encode", "accelerator": "denoise,decode"}
 WORKER_QUERY_SECONDS = "1"
 """How often workers look for scheduled stage runs (Prefect's default, 10 s, adds up to 10 s per stage)."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+TASK_STORAGE_BLOCK = "remote-file-system/stage-runs"
+TASK_STORAGE_SETTINGS = ("PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK", "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK")
+"""Where Prefect keeps task runs' parameters (for task workers) and results: both name the block."""
 
 
 def free_port() -> int:
@@ -44,8 +47,12 @@ class LocalStack:
     """Starts and stops a Prefect server and workers; every process it starts (and whatever those
     start) is stopped by `stop()`."""
 
-    def __init__(self, home: Path, port: int | None = None, extra_env: dict[str, str] | None = None):
+    def __init__(self, home: Path, port: int | None = None, extra_env: dict[str, str] | None = None,
+                 task_storage: str | None = None):
         self.home = Path(home)
+        self.task_storage = task_storage
+        """A gs:// folder for stage runs' parameters and results (stage workers on other machines
+        reach it); None keeps them under `storage`."""
         self.port = port or free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.storage = self.home / "storage"
@@ -94,6 +101,16 @@ class LocalStack:
                 time.sleep(0.5)
         raise RuntimeError(f"Prefect server did not start on port {self.port}; see {self.logs / 'server.log'}")
 
+    def use_task_storage(self) -> None:
+        """Keep stage runs' parameters and results in `task_storage`: a RemoteFileSystem block on the
+        server, named in the environment of every process started from now on."""
+        block_name = TASK_STORAGE_BLOCK.split("/")[1]
+        code = ("import sys; from prefect.filesystems import RemoteFileSystem; from stagediff.gcs import storage_options; "
+                f"RemoteFileSystem(basepath=sys.argv[1], settings=storage_options()).save({block_name!r}, overwrite=True)")
+        subprocess.run([sys.executable, "-c", code, self.task_storage], cwd=PROJECT_DIR, env=self.env, check=True,
+                       capture_output=True)
+        self.env.update(dict.fromkeys(TASK_STORAGE_SETTINGS, TASK_STORAGE_BLOCK))
+
     def create_pools(self) -> None:
         for pool in POOLS:
             self.prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
@@ -138,6 +155,8 @@ class LocalStack:
 
     def start(self, accelerator_workers: int = 1) -> "LocalStack":
         self.start_server()
+        if self.task_storage:
+            self.use_task_storage()
         self.create_pools()
         self.deploy()
         for pool in POOLS:
@@ -196,6 +215,9 @@ def main() -> None:
     parser.add_argument("--home", default=str(PROJECT_DIR / ".prefect-local"), help="PREFECT_HOME for the server")
     parser.add_argument("--accelerator-workers", type=int, default=1,
                         help="warm denoise/decode workers (one per accelerator on a real machine)")
+    parser.add_argument("--task-storage", metavar="GS_URI",
+                        help="a gs:// folder for stage runs' parameters and results, so that stage workers on "
+                             "other machines can join (default: under --home)")
     args = parser.parse_args()
     # Explicit handlers: a background job of a non-interactive shell (`make serve &`, nohup) starts
     # with SIGINT ignored, and SIGTERM (kill, service managers, container runtimes) would otherwise
@@ -203,7 +225,7 @@ def main() -> None:
     handler = _StopOnFirstSignal()
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
-    stack = LocalStack(Path(args.home), args.port)
+    stack = LocalStack(Path(args.home), args.port, task_storage=args.task_storage)
     try:
         stack.start(args.accelerator_workers)
         print(f"Prefect UI: http://127.0.0.1:{stack.port}   (export PREFECT_API_URL={stack.api_url})")
