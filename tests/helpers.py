@@ -58,7 +58,7 @@ def latest_run(client, flow_name: str):
     return runs[0]
 
 
-def wait_for_state(client, run_id, predicate, timeout=300):
+def wait_for_state(client, run_id, predicate, timeout=600):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         run = client.read_flow_run(run_id)

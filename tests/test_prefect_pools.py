@@ -82,7 +82,7 @@ def test_a_bad_parameter_fails_a_stage_deployment_run_at_once(prefect_stack, pre
 
 def test_crashed_run_retried_from_the_ui_redoes_only_missing_items(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
     store = tmp_path / "store"
-    parameters = params(tiny_sdxl, store, steps=40, prompts=["a red cat"], seeds=[0, 1, 2, 3])
+    parameters = params(tiny_sdxl, store, steps=30, prompts=["a red cat"], seeds=[0, 1, 2, 3])
     run_deployment_cli(prefect_stack, "generate/stagediff", parameters, watch=False)
     deadline = time.monotonic() + 300
     while not list(store.glob("latents/sdxl/*.safetensors")) and time.monotonic() < deadline:
