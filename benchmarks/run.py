@@ -292,6 +292,7 @@ class Stack:
         image and to the end (from `since`, default now)."""
         store = WORK / "stores" / f"{self.name}-{label}"
         shutil.rmtree(store, ignore_errors=True)
+        cpu_before = self.cpu_seconds() + children_cpu_seconds()
         start = since or time.perf_counter()
         process = subprocess.Popen([sys.executable, "-m", "prefect", "--no-prompt", "deployment", "run",
                                     "generate/stagediff", "--params", json.dumps({**parameters, "store": str(store)}),
@@ -302,7 +303,34 @@ class Stack:
             if first_item is None and list(store.glob("media/*")):
                 first_item = time.perf_counter() - start
             time.sleep(0.1)
-        return {"wall_s": time.perf_counter() - start, "first_item_s": first_item, "ok": process.returncode == 0}
+        return {"wall_s": time.perf_counter() - start, "first_item_s": first_item, "ok": process.returncode == 0,
+                "cpu_s": self.cpu_seconds() + children_cpu_seconds() - cpu_before}
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by the stack's processes (server, workers) and their children, those
+        alive (flow runs in progress) and those they waited for."""
+        import psutil
+
+        total = 0.0
+        for process in self.local.processes.values():
+            try:
+                root = psutil.Process(process.pid)
+                times = root.cpu_times()
+                total += times.children_user + times.children_system
+                for member in [root, *root.children(recursive=True)]:
+                    times = member.cpu_times()
+                    total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's children that have ended (commands it ran)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 WARM_CASE = Case("sdxl", "tiny", 8, 128, 128)
@@ -326,7 +354,7 @@ def warm_workers(prompts: int = 12, seeds: int = 2) -> dict:
         cold = stack.run_batch(batch, "cold", since=started)
         local.wait_until_connected(*workers)
         # Back to back (the idle workers use no CPU), so both see the same machine.
-        cli = cli_generate(batch, WORK / "stores" / "warm-cli")
+        cli, cli_cpu = cli_generate(batch, WORK / "stores" / "warm-cli")
         one = stack.run_batch(batch, "one-worker")
         local.wait_until_connected(local.start_stage_worker("stage-accelerator-1", "denoise,decode"))
         stack.run_batch({**batch, "prompts": batch["prompts"][:2], "seeds": [99]}, "warm-up-second")
@@ -334,19 +362,22 @@ def warm_workers(prompts: int = 12, seeds: int = 2) -> dict:
         local.kill("stage-accelerator-1")
         memory = alternating_models(stack)
     return {
-        "items": items, "cli_in_process_s": cli,
+        "items": items, "cli_in_process_s": cli, "cli_in_process_cpu_s": cli_cpu,
         "workers_start_to_first_item_s": cold["first_item_s"], "workers_start_to_batch_done_s": cold["wall_s"],
         "warm_pooled_s": one["wall_s"], "warm_pooled_first_item_s": one["first_item_s"],
         "warm_pooled_vs_cli": one["wall_s"] / cli,
+        # CPU seconds (every process of the stack) do not swell with other work on the machine.
+        "warm_pooled_cpu_s": one["cpu_s"], "warm_pooled_vs_cli_cpu": one["cpu_s"] / cli_cpu,
         "orchestration_overhead_s_per_item": (one["wall_s"] - cli) / items,
+        "orchestration_overhead_cpu_s_per_item": (one["cpu_s"] - cli_cpu) / items,
         "one_worker_items_per_s": items / one["wall_s"], "two_workers_items_per_s": items / two["wall_s"],
         "runs_ok": cold["ok"] and one["ok"] and two["ok"] and memory.pop("ok"),
         **memory,
     }
 
 
-def cli_generate(batch: dict, store: Path) -> float:
-    """Seconds of `stagediff generate` for the batch, in-process, as a user runs it."""
+def cli_generate(batch: dict, store: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of `stagediff generate` for the batch, in-process, as a user runs it."""
     shutil.rmtree(store, ignore_errors=True)
     command = [sys.executable, "-m", "stagediff.cli", "generate", "--model", batch["model"], "--store", str(store),
                "--steps", str(batch["steps"]), "--height", str(batch["height"]), "--width", str(batch["width"])]
@@ -354,9 +385,9 @@ def cli_generate(batch: dict, store: Path) -> float:
         command += ["--prompt", prompt]
     for seed in batch["seeds"]:
         command += ["--seed", str(seed)]
-    start = time.perf_counter()
+    start, cpu_before = time.perf_counter(), children_cpu_seconds()
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, children_cpu_seconds() - cpu_before
 
 
 def alternating_models(stack: Stack) -> dict:

@@ -8,6 +8,8 @@ warm stage workers, as flow runs of the stage deployments, or in-process (`flows
 
 from __future__ import annotations
 
+import math
+
 from prefect import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -22,10 +24,13 @@ from stagediff.options import request_from_options
 from stagediff.plan import make_plan
 from tasks import write_manifest_task
 
-PROMPTS_PER_CHUNK = {WARM: 1, DEPLOYMENTS: 4, "in-process": 1}
-"""Where models stay loaded between chunks (warm workers, in-process), small chunks give the most
-overlap and spread over the most accelerators; on pools every chunk is a new flow-run process that
-loads its model, and larger chunks amortise that."""
+PROMPTS_PER_CHUNK = {DEPLOYMENTS: 4, "in-process": 1}
+"""On pools every chunk is a new flow-run process that loads its model: larger chunks amortise that.
+In-process, models stay loaded and small chunks give the most overlap."""
+ITEMS_PER_WARM_CHUNK = 4
+"""On the warm stage workers models stay loaded; each stage run still costs a dispatch (a fraction of
+a second), so a chunk takes enough prompts for this many items, and no more: small chunks spread over
+the most accelerators."""
 WHERE = {WARM: "on the stage workers", DEPLOYMENTS: "on their work pools", "in-process": "in-process"}
 
 
@@ -45,9 +50,11 @@ def orchestrate(parameters: dict) -> str:
     dispatch = resolve_dispatch(parameters["dispatch"])
     logger.info("%d items, stages %s", len(plan.items), WHERE[dispatch])
 
-    per_chunk = parameters["prompts_per_chunk"] or PROMPTS_PER_CHUNK[dispatch]
     prompts = [text if negative is None else {"prompt": text, "negative_prompt": negative}
                for text, negative in request.prompt_pairs]
+    per_chunk = parameters["prompts_per_chunk"] or (
+        math.ceil(ITEMS_PER_WARM_CHUNK * len(prompts) / len(plan.items)) if dispatch == WARM
+        else PROMPTS_PER_CHUNK[dispatch])
     inventory = Inventory(plan.store)
     progress = RunProgress(len(plan.items), done=plan_state(plan, inventory).done_items)
     chunks = []

@@ -19,9 +19,10 @@ logger = get_logger("stagediff.progress")
 class ArtifactProgress(Progress):
     """Publishes a stage's progress on its task run, at most every half second per step update.
 
-    Updates go to the API from a background thread, so a denoise step never waits for the server (a
-    busy server would otherwise stall the accelerator between steps); an update made while another
-    is in flight replaces the one waiting, and the stage's last update is published before it ends.
+    The artifact is created and updated from a background thread, so neither a stage's start nor a
+    denoise step waits for the server (a busy server would otherwise stall the accelerator); an update
+    made while another is in flight replaces the one waiting, and the stage's last update is published
+    before it ends.
     """
 
     def __init__(self):
@@ -34,7 +35,7 @@ class ArtifactProgress(Progress):
 
     def stage_started(self, stage, total_items):
         self.total, self.done = total_items, 0
-        self.artifact_id = create_progress_artifact(0.0, description=f"{stage}: 0/{total_items} items")
+        self._update(0.0, f"{stage}: 0/{total_items} items")
 
     def step(self, stage, step_index, total_steps):
         now = time.monotonic()
@@ -70,6 +71,9 @@ class ArtifactProgress(Progress):
                     self._publisher = None
                     return
             try:
-                update_progress_artifact(self.artifact_id, update[0], description=update[1])
+                if self.artifact_id is None:
+                    self.artifact_id = create_progress_artifact(update[0], description=update[1])
+                else:
+                    update_progress_artifact(self.artifact_id, update[0], description=update[1])
             except Exception as error:  # progress is for people watching: never fail the stage over it
                 logger.warning("Could not update the progress artifact: %s", error)
