@@ -29,6 +29,7 @@ demo: $(INSTALLED) $(DEMO_MODEL)/model_index.json
 test: $(INSTALLED)
 	$(PY) -m pytest
 
+# Server, pools, deployments, process workers and the warm stage workers; Ctrl-C or kill stops them all.
 serve: $(INSTALLED) $(DEMO_MODEL)/model_index.json
 	$(PY) -m flows.local_stack
 

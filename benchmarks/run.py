@@ -1,7 +1,8 @@
 """`make bench`: stagediff against a plain diffusers loop, where the time goes, stage memory, compile
 reuse, orchestration overhead. Writes benchmarks/results/<date>-<host>.json and .md and prints the table.
 
-    python benchmarks/run.py [--quick | --gpu-only [--gpu-families sdxl,flux1,wan] | --real-memory | --cpu-scaling]
+    python benchmarks/run.py [--quick | --gpu-only [--gpu-families sdxl,flux1,wan] | --real-memory | --cpu-scaling
+                              | --warm]
 """
 
 from __future__ import annotations
@@ -245,40 +246,171 @@ def orchestration(pooled: bool) -> dict:
         if "server_start_seconds" in measured:
             results["ephemeral_api_start_s"] = measured["server_start_seconds"]
     if pooled:
-        results.update(pooled_path(base, items))
+        results.update(pooled_paths(base, items))
     return results
 
 
-def pooled_path(base: dict, items: int) -> dict:
-    from flows.local_stack import LocalStack
+def pooled_paths(base: dict, items: int) -> dict:
+    """The batch as a `generate` deployment run on `make serve`'s setup, ephemeral (a flow run per stage
+    and chunk) and warm (stage workers, models loaded by an earlier batch)."""
+    with Stack("orchestration") as stack:
+        ephemeral = stack.run_batch({**base, "dispatch": "deployments"}, "pooled")
+        stack.run_batch({**base, "seeds": [9], "dispatch": "warm"}, "warm-up")
+        warm = stack.run_batch({**base, "dispatch": "warm"}, "warm")
+    return {"pooled_setup_s": stack.setup_seconds, "pooled_s_per_item": ephemeral["wall_s"] / items,
+            "pooled_first_item_s": ephemeral["first_item_s"], "warm_s_per_item": warm["wall_s"] / items,
+            "warm_first_item_s": warm["first_item_s"], "pooled_runs_ok": ephemeral["ok"] and warm["ok"]}
 
-    store = WORK / "stores" / "orchestration-pooled"
-    shutil.rmtree(store, ignore_errors=True)
-    stack = LocalStack(WORK / "prefect", extra_env={"PREFECT_UI_ENABLED": "false"})
-    try:
+
+class Stack:
+    """`make serve`'s setup (flows.local_stack) for a benchmark, with batches timed as users start them."""
+
+    def __init__(self, name: str, accelerator_workers: int = 1):
+        from flows.local_stack import LocalStack
+
+        self.name = name
+        shutil.rmtree(WORK / f"prefect-{name}", ignore_errors=True)
+        self.local = LocalStack(WORK / f"prefect-{name}", extra_env={"PREFECT_UI_ENABLED": "false"})
+        self.accelerator_workers = accelerator_workers
+        self.setup_seconds = 0.0
+
+    def __enter__(self) -> "Stack":
         start = time.perf_counter()
-        stack.start_server()
-        stack.create_pools()
-        stack.deploy()
-        ready = time.perf_counter()
-        for pool in ("cpu-pool", "tpu-pool"):
-            stack.start_worker(pool)
-        parameters = {"model": base["model"], "prompts": base["prompts"], "seeds": base["seeds"], "steps": base["steps"],
-                      "height": base["height"], "width": base["width"], "store": str(store)}
-        submitted = time.perf_counter()
+        try:
+            self.local.start(self.accelerator_workers)
+        except BaseException:
+            self.local.stop()
+            raise
+        self.setup_seconds = time.perf_counter() - start
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.local.stop()
+
+    def run_batch(self, parameters: dict, label: str, since: float | None = None) -> dict:
+        """`prefect deployment run generate/stagediff --watch` on a fresh store: seconds to the first
+        image and to the end (from `since`, default now)."""
+        store = WORK / "stores" / f"{self.name}-{label}"
+        shutil.rmtree(store, ignore_errors=True)
+        cpu_before = self.cpu_seconds() + children_cpu_seconds()
+        start = since or time.perf_counter()
         process = subprocess.Popen([sys.executable, "-m", "prefect", "--no-prompt", "deployment", "run",
-                                    "generate/stagediff", "--params", json.dumps(parameters), "--watch"],
-                                   env=stack.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                    "generate/stagediff", "--params", json.dumps({**parameters, "store": str(store)}),
+                                    "--watch"], env=self.local.env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
         first_item = None
         while process.poll() is None:
-            if first_item is None and list(store.glob("media/*.png")):
-                first_item = time.perf_counter() - submitted
-            time.sleep(0.2)
-        total = time.perf_counter() - submitted
-        return {"pooled_setup_s": ready - start, "pooled_s_per_item": total / items,
-                "pooled_worker_start_to_first_item_s": first_item, "pooled_run_ok": process.returncode == 0}
-    finally:
-        stack.stop()
+            if first_item is None and list(store.glob("media/*")):
+                first_item = time.perf_counter() - start
+            time.sleep(0.1)
+        return {"wall_s": time.perf_counter() - start, "first_item_s": first_item, "ok": process.returncode == 0,
+                "cpu_s": self.cpu_seconds() + children_cpu_seconds() - cpu_before}
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by the stack's processes (server, workers) and their children, those
+        alive (flow runs in progress) and those they waited for."""
+        import psutil
+
+        total = 0.0
+        for process in self.local.processes.values():
+            try:
+                root = psutil.Process(process.pid)
+                times = root.cpu_times()
+                total += times.children_user + times.children_system
+                for member in [root, *root.children(recursive=True)]:
+                    times = member.cpu_times()
+                    total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's children that have ended (commands it ran)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+WARM_CASE = Case("sdxl", "tiny", 8, 128, 128)
+
+
+def warm_workers(prompts: int = 12, seeds: int = 2) -> dict:
+    """Section 8: one batch (tiny SDXL, 12 prompts × 2 seeds, 8 steps, 128²) on the warm stage workers
+    against the in-process CLI; first item after the workers start; one vs two accelerator workers;
+    a worker's memory when batches alternate between two models."""
+    model = model_folder("sdxl", "tiny")
+    batch = {"model": model, "prompts": [f"{PROMPTS[i % len(PROMPTS)]}, study {i}" for i in range(prompts)],
+             "seeds": list(range(seeds)), **{k: v for k, v in WARM_CASE.arguments().items() if v is not None},
+             "dispatch": "warm"}
+    items = prompts * seeds
+    with Stack("warm", accelerator_workers=0) as stack:
+        local = stack.local
+        local.kill("stage-encode")
+        started = time.perf_counter()
+        workers = [local.start_stage_worker("stage-encode", "encode"),
+                   local.start_stage_worker("stage-accelerator-0", "denoise,decode")]
+        cold = stack.run_batch(batch, "cold", since=started)
+        local.wait_until_connected(*workers)
+        # Back to back (the idle workers use no CPU), so both see the same machine.
+        cli, cli_cpu = cli_generate(batch, WORK / "stores" / "warm-cli")
+        one = stack.run_batch(batch, "one-worker")
+        local.wait_until_connected(local.start_stage_worker("stage-accelerator-1", "denoise,decode"))
+        stack.run_batch({**batch, "prompts": batch["prompts"][:2], "seeds": [99]}, "warm-up-second")
+        two = stack.run_batch(batch, "two-workers")
+        local.kill("stage-accelerator-1")
+        memory = alternating_models(stack)
+    return {
+        "items": items, "cli_in_process_s": cli, "cli_in_process_cpu_s": cli_cpu,
+        "workers_start_to_first_item_s": cold["first_item_s"], "workers_start_to_batch_done_s": cold["wall_s"],
+        "warm_pooled_s": one["wall_s"], "warm_pooled_first_item_s": one["first_item_s"],
+        "warm_pooled_vs_cli": one["wall_s"] / cli,
+        # CPU seconds (every process of the stack) do not swell with other work on the machine.
+        "warm_pooled_cpu_s": one["cpu_s"], "warm_pooled_vs_cli_cpu": one["cpu_s"] / cli_cpu,
+        "orchestration_overhead_s_per_item": (one["wall_s"] - cli) / items,
+        "orchestration_overhead_cpu_s_per_item": (one["cpu_s"] - cli_cpu) / items,
+        "one_worker_items_per_s": items / one["wall_s"], "two_workers_items_per_s": items / two["wall_s"],
+        "runs_ok": cold["ok"] and one["ok"] and two["ok"] and memory.pop("ok"),
+        **memory,
+    }
+
+
+def cli_generate(batch: dict, store: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of `stagediff generate` for the batch, in-process, as a user runs it."""
+    shutil.rmtree(store, ignore_errors=True)
+    command = [sys.executable, "-m", "stagediff.cli", "generate", "--model", batch["model"], "--store", str(store),
+               "--steps", str(batch["steps"]), "--height", str(batch["height"]), "--width", str(batch["width"])]
+    for prompt in batch["prompts"]:
+        command += ["--prompt", prompt]
+    for seed in batch["seeds"]:
+        command += ["--seed", str(seed)]
+    start, cpu_before = time.perf_counter(), children_cpu_seconds()
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    return time.perf_counter() - start, children_cpu_seconds() - cpu_before
+
+
+def alternating_models(stack: Stack) -> dict:
+    """Batches on model A, B (another copy of A's files), A again on the one accelerator worker:
+    its resident memory after each, against the size of the model's UNet."""
+    import psutil
+
+    model_a = Path(model_folder("sdxl", "small"))
+    model_b = WORK / "models" / "sdxl-small-copy"
+    if not model_b.exists():
+        shutil.copytree(model_a, model_b, copy_function=os.link)
+    worker = psutil.Process(stack.local.processes["stage-accelerator-0"].pid)
+    before = worker.memory_info().rss
+    batch = {"prompts": PROMPTS[:1], "seeds": [0], "steps": 1, "height": 64, "width": 64, "dispatch": "warm"}
+    resident, ok = [], True
+    for index, model in enumerate((model_a, model_b, model_a)):
+        ok &= stack.run_batch({**batch, "model": str(model)}, f"memory-{index}")["ok"]
+        resident.append(worker.memory_info().rss)
+    megabytes = 2**20
+    return {"unet_mb": sum(f.stat().st_size for f in model_a.glob("unet/*.safetensors")) / megabytes,
+            "worker_rss_before_mb": before / megabytes, "worker_rss_after_a_mb": resident[0] / megabytes,
+            "worker_rss_after_b_mb": resident[1] / megabytes, "worker_rss_after_a_again_mb": resident[2] / megabytes,
+            "ok": ok}
 
 
 def gpu(families: list[str]) -> dict:
@@ -321,7 +453,9 @@ def markdown(report: dict) -> str:
             lines += [f"| {row['family']} | {row['model']} | {row['size']} | {row['encode']} | {row['denoise']} | "
                       f"{row['decode']} | {row['full_pipeline']} |" for row in report[key]]
     for key, title, unit in (("compile", "4. Compile (torchax, tiny SDXL)", "value"),
-                             ("orchestration", "5. Orchestration overhead (tiny SDXL, 8 items)", "seconds")):
+                             ("orchestration", "5. Orchestration overhead (tiny SDXL, 8 items)", "seconds"),
+                             ("warm", "8. Warm stage workers (tiny SDXL, 12 prompts × 2 seeds, 8 steps, 128²)",
+                              "value")):
         if key in report:
             lines += ["", f"## {title}", "", f"| measure | {unit} |", "|---|---|"]
             lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
@@ -390,6 +524,9 @@ def main() -> None:
     parser.add_argument("--cpu-scaling", action="store_true",
                         help="only section 7 (the small models, one process on all cores against one "
                              "single-thread process per core; about 2 minutes on 2 cores)")
+    parser.add_argument("--warm", action="store_true",
+                        help="only section 8 (a batch on the warm stage workers against the in-process CLI, "
+                             "one vs two accelerator workers, memory with alternating models)")
     args = parser.parse_args()
     gpu_families = args.gpu_families.split(",")
     unknown = [family for family in gpu_families if family not in GPU]
@@ -409,16 +546,18 @@ def main() -> None:
         report["real_memory"] = [memory(family, case, "bfloat16") for family, case in REAL_MEMORY.items()]
     elif args.cpu_scaling:
         report["cpu_scaling"] = [cpu_scaling(family, case) for family, case in FULL.items()]
+    elif args.warm:
+        report["warm"] = warm_workers()
     elif not args.gpu_only:
         report["sweep"] = [sweep(family, case, prompts, seeds) for family, case in families.items()]
         report["memory"] = [memory(family, case) for family, case in families.items()]
         report["compile"] = compile_reuse()
         report["orchestration"] = orchestration(pooled=not args.quick)
-    if not (args.real_memory or args.cpu_scaling):
+    if not (args.real_memory or args.cpu_scaling or args.warm):
         report["gpu"] = {"skipped": "quick mode"} if args.quick else gpu(gpu_families)
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = ("-quick" if args.quick else "-gpu" if args.gpu_only else "-real-memory" if args.real_memory
-              else "-cpu-scaling" if args.cpu_scaling else "")
+              else "-cpu-scaling" if args.cpu_scaling else "-warm" if args.warm else "")
     stem = RESULTS / f"{report['date']}-{socket.gethostname()}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     table = markdown(report)

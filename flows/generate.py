@@ -2,29 +2,36 @@
 
 The batch is split into chunks of prompts (all seeds of a prompt stay together, so one embedding
 serves them). Chunks whose artifacts all exist are skipped; for the others each stage is submitted
-once per chunk, so encoding the next chunk overlaps denoising the previous one. Stages run in-process
-or, when the stage deployments exist on the server, as flow runs on their work pools.
+once per chunk, so encoding the next chunk overlaps denoising the previous one. Stages run on the
+warm stage workers, as flow runs of the stage deployments, or in-process (`flows.dispatch`).
 """
 
 from __future__ import annotations
 
+import math
+
 from prefect import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.dispatch import stage_deployments_exist, submit_stage
+from flows.dispatch import DEPLOYMENTS, WARM, resolve_dispatch, submit_stage
 from flows.parameters import generation_flow
 from flows.reporting import RunProgress, publish_results
+from flows.stage_workers import ChunkRun, StageWorkerDispatch
 from stagediff.confinement import check_location, check_run_name
-from stagediff.options import request_from_options
-from stagediff.plan import make_plan
 from stagediff.inventory import Inventory, plan_state
 from stagediff.manifest import default_run_name
+from stagediff.options import request_from_options
+from stagediff.plan import make_plan
 from tasks import write_manifest_task
 
-IN_PROCESS_PROMPTS_PER_CHUNK = 1
-"""In-process, stage models stay loaded between chunks: small chunks give the most overlap."""
-POOLED_PROMPTS_PER_CHUNK = 4
-"""On pools every chunk is a new flow-run process that loads its model: larger chunks amortise that."""
+PROMPTS_PER_CHUNK = {DEPLOYMENTS: 4, "in-process": 1}
+"""On pools every chunk is a new flow-run process that loads its model: larger chunks amortise that.
+In-process, models stay loaded and small chunks give the most overlap."""
+ITEMS_PER_WARM_CHUNK = 4
+"""On the warm stage workers models stay loaded; each stage run still costs a dispatch (a fraction of
+a second), so a chunk takes enough prompts for this many items, and no more: small chunks spread over
+the most accelerators."""
+WHERE = {WARM: "on the stage workers", DEPLOYMENTS: "on their work pools", "in-process": "in-process"}
 
 
 def chunk_parameters(parameters: dict, prompts: list[str | dict]) -> dict:
@@ -40,34 +47,46 @@ def orchestrate(parameters: dict) -> str:
         check_location("manifest", parameters["manifest"])
     plan = make_plan(request)
     plan.store.check_writable()
-    dispatch = parameters["dispatch"]
-    use_deployments = dispatch == "deployments" or (dispatch == "auto" and stage_deployments_exist())
-    logger.info("%d items, stages %s", len(plan.items), "on their work pools" if use_deployments else "in-process")
+    dispatch = resolve_dispatch(parameters["dispatch"])
+    logger.info("%d items, stages %s", len(plan.items), WHERE[dispatch])
 
-    per_chunk = parameters["prompts_per_chunk"] or (POOLED_PROMPTS_PER_CHUNK if use_deployments else IN_PROCESS_PROMPTS_PER_CHUNK)
     prompts = [text if negative is None else {"prompt": text, "negative_prompt": negative}
                for text, negative in request.prompt_pairs]
-    chunks = [prompts[i : i + per_chunk] for i in range(0, len(prompts), per_chunk)]
+    per_chunk = parameters["prompts_per_chunk"] or (
+        math.ceil(ITEMS_PER_WARM_CHUNK * len(prompts) / len(plan.items)) if dispatch == WARM
+        else PROMPTS_PER_CHUNK[dispatch])
     inventory = Inventory(plan.store)
     progress = RunProgress(len(plan.items), done=plan_state(plan, inventory).done_items)
-    pending = []
-    for chunk in chunks:
-        params = chunk_parameters(parameters, chunk)
-        chunk_state = plan_state(make_plan(request_from_options(params), model=plan.model), inventory)
-        future = None
-        for stage in chunk_state.missing_stages:
-            future = submit_stage(stage, params, use_deployments, wait_for=[future] if future else [])
-        if future is not None:
-            pending.append((future, len(chunk_state.media) - chunk_state.done_items))
-    for future, items in pending:
-        future.result()
-        progress.advance(items)
+    chunks = []
+    for first in range(0, len(prompts), per_chunk):
+        params = chunk_parameters(parameters, prompts[first : first + per_chunk])
+        state = plan_state(make_plan(request_from_options(params), model=plan.model), inventory)
+        chunks.append(ChunkRun(params, state.missing_stages, items=len(state.media) - state.done_items))
+    if dispatch == WARM:
+        StageWorkerDispatch(chunks, on_chunk_done=lambda chunk: progress.advance(chunk.items)).run()
+    else:
+        run_chained(chunks, dispatch, progress)
     progress.finish()
 
     run_name = parameters["run_name"] or default_run_name(request.model)
     manifest_uri = write_manifest_task(request.to_dict(), run_name, parameters["manifest"])
     publish_results(plan, run_name)
     return manifest_uri
+
+
+def run_chained(chunks: list[ChunkRun], dispatch: str, progress: RunProgress) -> None:
+    """Submit every chunk's stages at once, each waiting for the one before it (the flow's threads
+    wait, not a worker), and wait for them all."""
+    pending = []
+    for chunk in chunks:
+        future = None
+        for stage in chunk.stages:
+            future = submit_stage(stage, chunk.parameters, dispatch, wait_for=[future] if future else [])
+        if future is not None:
+            pending.append((future, chunk))
+    for future, chunk in pending:
+        future.result()
+        progress.advance(chunk.items)
 
 
 generate = generation_flow(

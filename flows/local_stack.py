@@ -1,12 +1,16 @@
 """A whole Prefect setup on one machine: server, `cpu-pool` and `tpu-pool`, the deployments of
-prefect.yaml, and one process worker per pool. Used by `make serve` and by the real-server tests.
+prefect.yaml, one process worker per pool (the ephemeral way to run stages) and the warm stage
+workers: one for encode, one per accelerator for denoise and decode. Used by `make serve` and by the
+real-server tests.
 
-Run: `python -m flows.local_stack [--port 4200]`; Ctrl-C stops everything it started.
+Run: `python -m flows.local_stack [--port 4200] [--accelerator-workers N]`. SIGTERM, SIGINT (Ctrl-C,
+even when started in the background) and SIGHUP stop everything it started.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -16,11 +20,21 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-POOLS = {"cpu-pool": None, "tpu-pool": 1}
-"""Work pools and their concurrency limits: the accelerator runs one stage flow at a time."""
+POOLS = ("cpu-pool", "tpu-pool")
+WORKER_LIMITS = {"cpu-pool": None, "tpu-pool": 1}
+"""Flow runs at a time per process worker: one stage run per accelerator. No pool-wide limit: each
+accelerator machine runs its own worker."""
+STAGE_WORKERS = {"encode": "encode", "accelerator": "denoise,decode"}
+"""The stages each kind of stage worker serves."""
 WORKER_QUERY_SECONDS = "1"
 """How often workers look for scheduled stage runs (Prefect's default, 10 s, adds up to 10 s per stage)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+TASK_STORAGE_BLOCK = "remote-file-system/stage-runs"
+TASK_STORAGE_SETTINGS = ("PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK", "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK")
+"""Where Prefect keeps task runs' parameters (for task workers) and results: both name the block."""
 
 
 def free_port() -> int:
@@ -30,16 +44,25 @@ def free_port() -> int:
 
 
 class LocalStack:
-    """Starts and stops a Prefect server and workers; every process it starts is stopped by `stop()`."""
+    """Starts and stops a Prefect server and workers; every process it starts (and whatever those
+    start) is stopped by `stop()`."""
 
-    def __init__(self, home: Path, port: int | None = None, extra_env: dict[str, str] | None = None):
+    def __init__(self, home: Path, port: int | None = None, extra_env: dict[str, str] | None = None,
+                 task_storage: str | None = None):
         self.home = Path(home)
+        self.task_storage = task_storage
+        """A gs:// folder for stage runs' parameters and results (stage workers on other machines
+        reach it); None keeps them under `storage`."""
         self.port = port or free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.storage = self.home / "storage"
+        """Where stage runs' parameters and results live: every process submitting or running stage
+        runs must use it (on several machines, a shared bucket instead: see the README)."""
         self.env = {
             **os.environ,
             "PREFECT_HOME": str(self.home),
             "PREFECT_API_URL": self.api_url,
+            "PREFECT_LOCAL_STORAGE_PATH": str(self.storage),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "true"),
             "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", WORKER_QUERY_SECONDS),
@@ -55,11 +78,11 @@ class LocalStack:
         command = [sys.executable, "-m", "prefect", "--no-prompt", *args]
         return subprocess.run(command, cwd=PROJECT_DIR, env=self.env, capture_output=True, text=True, check=check)
 
-    def _spawn(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    def _spawn(self, name: str, *module_and_args: str, env: dict | None = None) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", *args], cwd=PROJECT_DIR, env={**self.env, **(env or {})},
+            [sys.executable, "-m", *module_and_args], cwd=PROJECT_DIR, env={**self.env, **(env or {})},
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.processes[name] = process
@@ -67,7 +90,7 @@ class LocalStack:
 
     def start_server(self, timeout: float = 90) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        self._spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(self.port))
+        self._spawn("server", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -78,66 +101,154 @@ class LocalStack:
                 time.sleep(0.5)
         raise RuntimeError(f"Prefect server did not start on port {self.port}; see {self.logs / 'server.log'}")
 
+    def use_task_storage(self) -> None:
+        """Keep stage runs' parameters and results in `task_storage`: a RemoteFileSystem block on the
+        server, named in the environment of every process started from now on."""
+        block_name = TASK_STORAGE_BLOCK.split("/")[1]
+        code = ("import sys; from prefect.filesystems import RemoteFileSystem; from stagediff.gcs import storage_options; "
+                f"RemoteFileSystem(basepath=sys.argv[1], settings=storage_options()).save({block_name!r}, overwrite=True)")
+        subprocess.run([sys.executable, "-c", code, self.task_storage], cwd=PROJECT_DIR, env=self.env, check=True,
+                       capture_output=True)
+        self.env.update(dict.fromkeys(TASK_STORAGE_SETTINGS, TASK_STORAGE_BLOCK))
+
     def create_pools(self) -> None:
-        for pool, limit in POOLS.items():
+        for pool in POOLS:
             self.prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
-            if limit is not None:
-                self.prefect("work-pool", "set-concurrency-limit", pool, str(limit))
 
     def deploy(self) -> None:
         self.prefect("deploy", "--all")
 
     def start_worker(self, pool: str, env: dict | None = None) -> subprocess.Popen:
         """Start (or restart) the process worker of one pool."""
-        limit = ["--limit", str(POOLS[pool])] if POOLS[pool] else []
-        return self._spawn(f"worker-{pool}", "worker", "start", "--pool", pool, "--type", "process", *limit, env=env)
+        limit = ["--limit", str(WORKER_LIMITS[pool])] if WORKER_LIMITS[pool] else []
+        return self._spawn(f"worker-{pool}", "prefect", "worker", "start", "--pool", pool, "--type", "process",
+                           *limit, env=env)
+
+    def start_stage_worker(self, name: str, stages: str, env: dict | None = None) -> subprocess.Popen:
+        """Start a warm stage worker (`tasks.worker`) serving `stages`, logging to logs/<name>.log."""
+        return self._spawn(name, "tasks.worker", "--stages", stages, env=env)
+
+    def wait_until_connected(self, *workers: subprocess.Popen, timeout: float = 180) -> None:
+        """Wait until these stage worker processes are connected to the server."""
+        expected = {f"{socket.gethostname()}-{worker.pid}" for worker in workers}
+        deadline = time.monotonic() + timeout
+        while not expected <= {worker["identifier"] for worker in self.connected_task_workers()}:
+            if time.monotonic() > deadline or any(worker.poll() is not None for worker in workers):
+                raise RuntimeError(f"stage workers did not connect in {timeout:.0f}s; see {self.logs}")
+            time.sleep(0.5)
+
+    def connected_task_workers(self) -> list[dict]:
+        """The task workers the server sees connected (`/task_workers/filter`)."""
+        request = urllib.request.Request(f"{self.api_url}/task_workers/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
 
     def kill(self, name: str) -> None:
         """Kill a process and everything it started (a worker and its flow-run processes)."""
         process = self.processes.pop(name, None)
         if process and process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            victims = _with_descendants(process.pid)
+            for victim in victims:
+                _signal(victim, signal.SIGKILL)
+            psutil.wait_procs(victims, timeout=10)
 
-    def start(self) -> "LocalStack":
+    def start(self, accelerator_workers: int = 1) -> "LocalStack":
         self.start_server()
+        if self.task_storage:
+            self.use_task_storage()
         self.create_pools()
         self.deploy()
         for pool in POOLS:
             self.start_worker(pool)
+        workers = [self.start_stage_worker("stage-encode", STAGE_WORKERS["encode"])]
+        for index in range(accelerator_workers):
+            workers.append(self.start_stage_worker(f"stage-accelerator-{index}", STAGE_WORKERS["accelerator"]))
+        self.wait_until_connected(*workers)
         return self
 
     def stop(self) -> None:
-        for name in reversed(list(self.processes)):  # workers first, the server last
-            process = self.processes[name]
+        """Stop every process started here, and their children (flow runs), the server last."""
+        for name in reversed(list(self.processes)):
+            process = self.processes.pop(name)
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-            self.processes.pop(name)
+                victims = _with_descendants(process.pid)
+                for victim in victims:
+                    _signal(victim, signal.SIGTERM)
+                _, alive = psutil.wait_procs(victims, timeout=10)
+                for victim in alive:
+                    _signal(victim, signal.SIGKILL)
+
+
+def _with_descendants(pid: int) -> list[psutil.Process]:
+    try:
+        process = psutil.Process(pid)
+        return [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal(process: psutil.Process, signum: int) -> None:
+    try:
+        process.send_signal(signum)
+    except psutil.NoSuchProcess:
+        pass
+
+
+class Stop(Exception):
+    """Raised by `main()`'s signal handler, once: later signals must not interrupt the clean-up."""
+
+
+class _StopOnFirstSignal:
+    def __init__(self):
+        self.stopping = False
+
+    def __call__(self, signum, frame):
+        if not self.stopping:
+            self.stopping = True
+            raise Stop(signal.Signals(signum).name)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=4200)
     parser.add_argument("--home", default=str(PROJECT_DIR / ".prefect-local"), help="PREFECT_HOME for the server")
+    parser.add_argument("--accelerator-workers", type=int, default=1,
+                        help="warm denoise/decode workers (one per accelerator on a real machine)")
+    parser.add_argument("--task-storage", metavar="GS_URI",
+                        help="a gs:// folder for stage runs' parameters and results, so that stage workers on "
+                             "other machines can join (default: under --home)")
     args = parser.parse_args()
-    stack = LocalStack(Path(args.home), args.port)
+    # Explicit handlers: a background job of a non-interactive shell (`make serve &`, nohup) starts
+    # with SIGINT ignored, and SIGTERM (kill, service managers, container runtimes) would otherwise
+    # end this process at once and leave the server and the workers running.
+    handler = _StopOnFirstSignal()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+    stack = LocalStack(Path(args.home), args.port, task_storage=args.task_storage)
     try:
-        stack.start()
+        stack.start(args.accelerator_workers)
         print(f"Prefect UI: http://127.0.0.1:{stack.port}   (export PREFECT_API_URL={stack.api_url})")
-        print("Workers: cpu-pool, tpu-pool. Start a batch with:")
+        print(f"Stage workers: encode, {args.accelerator_workers} × denoise+decode (warm); process workers on "
+              f"{' and '.join(POOLS)}. Start a batch with:")
         print(f"  PREFECT_API_URL={stack.api_url} prefect deployment run generate/stagediff --watch --params "
               '\'{"model": "demo-models/tiny-sdxl", "prompts": ["a red fox"], "seeds": [0, 1]}\'')
-        print(f"Logs: {stack.logs}. Ctrl-C stops the server and the workers.")
+        print(f"Logs: {stack.logs}. Ctrl-C (or kill) stops the server and every worker.", flush=True)
         while all(p.poll() is None for p in stack.processes.values()):
             time.sleep(1)
-    except KeyboardInterrupt:
-        pass
+        stopped = [name for name, p in stack.processes.items() if p.poll() is not None]
+        print(f"{', '.join(stopped)} exited; see {stack.logs}. Stopping everything.", file=sys.stderr)
+    except Stop as stop:
+        print(f"{stop}: stopping the server and the workers.", file=sys.stderr)
     finally:
+        handler.stopping = True
         stack.stop()
+        # Anything started but not yet recorded when a signal came (a `prefect` command, a process
+        # being spawned) is a child of this process too.
+        leftovers = _with_descendants(os.getpid())[1:]
+        for process in leftovers:
+            _signal(process, signal.SIGKILL)
+        psutil.wait_procs(leftovers, timeout=10)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@ from typing import Any
 
 from prefect import flow
 
+from flows.dispatch import DISPATCH_CHOICES
 from stagediff.options import GENERATION_OPTIONS, RUN_OPTIONS, Option
 
 ORCHESTRATION_OPTIONS: tuple[Option, ...] = (
-    Option("dispatch", str, "where stages run: auto (the stage deployments when they exist), in-process or "
-           "deployments", choices=("auto", "in-process", "deployments"), default="auto"),
-    Option("prompts_per_chunk", int, "prompts per stage run (default: 1 in-process, 4 on work pools)"),
+    Option("dispatch", str, "where stages run: warm (long-lived stage workers), deployments (a flow run per "
+           "stage and chunk on the work pools), in-process, or auto: the first of these the server offers",
+           choices=DISPATCH_CHOICES, default="auto"),
+    Option("prompts_per_chunk", int, "prompts per stage run (default: 1 in-process, 4 on work pools, warm: "
+           "enough for 4 items)"),
 )
 """How the generate flow spreads the work."""
 

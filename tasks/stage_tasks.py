@@ -1,14 +1,16 @@
 """The encode / denoise / decode Prefect tasks. Each rebuilds the plan from the request (cheap),
-calls one stage, logs timings, publishes progress, and returns artifact URIs: never tensors."""
+calls one stage, logs where it ran and its timings, publishes progress, and returns artifact URIs:
+never tensors. Their results and parameters are JSON (no pickle), so long-lived stage workers on
+other machines (`tasks.worker`) can run them."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
-from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from stagediff import manifest, stages
 from stagediff.errors import StagediffError
@@ -16,45 +18,29 @@ from stagediff.plan import make_plan
 from stagediff.progress import ProgressGroup, TqdmProgress
 from stagediff.request import Request
 from tasks.progress import ArtifactProgress
+from tasks.records import STAGE_RECORDS
 
 RETRIES = 2
 RETRY_DELAYS = [2, 10]
-FAIL_ONCE_VARIABLE = "STAGEDIFF_FAIL_ONCE"
-
-
-class InjectedFailure(RuntimeError):
-    """A transient failure raised on purpose (fault-injection switch, see `_fail_once_if_asked`)."""
-
-
-def _fail_once_if_asked(stage: str) -> None:
-    """Fault injection for testing retries: `STAGEDIFF_FAIL_ONCE=<stage>:<marker-file>` makes the
-    first attempt of that stage fail (creating the marker); later attempts run normally."""
-    switch = os.environ.get(FAIL_ONCE_VARIABLE, "")
-    target, _, marker = switch.partition(":")
-    if target == stage and marker and not Path(marker).exists():
-        Path(marker).touch()
-        raise InjectedFailure(f"{stage}: injected transient failure ({FAIL_ONCE_VARIABLE})")
 
 
 def _run_stage(stage, request: dict) -> list[str]:
     logger = get_run_logger()
-    _fail_once_if_asked(stage.__name__)
     plan = make_plan(Request(**request))
     terminal = (TqdmProgress(),) if sys.stderr.isatty() else ()
     result = stage(plan, progress=ProgressGroup(ArtifactProgress(), *terminal))
-    if result.computed:
-        per_item = sum(result.item_seconds) / len(result.item_seconds)
-        compiled = (
-            f", compile {result.compile_seconds:.2f}s ({result.compiles} shapes, {result.compile_cache_hits} from cache)"
-            if result.compiles
-            else ""
-        )
-        logger.info(
-            "%s: %d new of %d; model load %.2fs%s, %.3fs per item",
-            result.stage, result.computed, len(result.uris), result.load_seconds, compiled, per_item,
-        )
-    else:
-        logger.info("%s: all %d artifacts already in the store", result.stage, len(result.uris))
+    where = f"{socket.gethostname()} (pid {os.getpid()})"
+    if not result.computed:
+        logger.info("%s on %s: all %d artifacts already in the store", result.stage, where, len(result.uris))
+        return result.uris
+    # A pipeline the worker already holds costs no load time at all.
+    loaded = (f"loaded {plan.request.model} in {result.load_seconds:.2f}s" if result.load_seconds
+              else f"{plan.request.model} already loaded")
+    compiled = (f", compiled {result.compiles} shapes in {result.compile_seconds:.2f}s "
+                f"({result.compile_cache_hits} from the persistent cache)" if result.compiles else ", compiled nothing")
+    per_item = sum(result.item_seconds) / len(result.item_seconds)
+    logger.info("%s on %s: %d new of %d; %s%s; %.3fs per item",
+                result.stage, where, result.computed, len(result.uris), loaded, compiled, per_item)
     return result.uris
 
 
@@ -69,12 +55,22 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
     return True
 
 
-# The store decides reuse (content-addressed artifacts), not Prefect's task cache.
+class OneResultPerTaskRun(CachePolicy):
+    """The result is stored under the task run's id: never reused by another run (the store, not
+    Prefect's cache, decides reuse), yet persisted where the flow that submitted the run reads it.
+    (Task workers replace NO_CACHE with an input-hash policy, which would reuse results.)"""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
+        return f"stage-results/{task_ctx.task_run.id}"
+
+
 STAGE_TASK_OPTIONS = dict(
     retries=RETRIES,
     retry_delay_seconds=RETRY_DELAYS,
     retry_condition_fn=_retry_unless_bad_input,
-    cache_policy=NO_CACHE,
+    cache_policy=OneResultPerTaskRun(),
+    persist_result=True,
+    result_serializer=STAGE_RECORDS,
 )
 
 
@@ -94,6 +90,10 @@ def denoise_task(request: dict) -> list[str]:
 def decode_task(request: dict) -> list[str]:
     """Media files for the request's (prompt, seed) items; returns their URIs."""
     return _run_stage(stages.decode, request)
+
+
+STAGE_TASKS = {"encode": encode_task, "denoise": denoise_task, "decode": decode_task}
+"""The stage tasks by stage name, in pipeline order."""
 
 
 @task(name="write-manifest", cache_policy=NO_CACHE)

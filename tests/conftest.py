@@ -67,3 +67,37 @@ def emulator():
     else:
         os.environ[gcs.EMULATOR_VARIABLE] = previous
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(tmp_path_factory, emulator):
+    """`make serve`'s setup, shared by the real-server tests: a Prefect server, process workers on
+    cpu-pool and tpu-pool, the deployments, and the warm stage workers (encode; one denoise+decode),
+    with stage runs' parameters and results in a bucket, as on real infrastructure."""
+    from flows.local_stack import LocalStack
+    from gcs_emulator import BUCKET
+
+    stack = LocalStack(tmp_path_factory.mktemp("prefect"), extra_env={"PREFECT_UI_ENABLED": "false"},
+                       task_storage=f"gs://{BUCKET}/prefect-stage-runs")
+    try:
+        stack.start(accelerator_workers=1)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def prefect_client(prefect_stack, monkeypatch):
+    """A sync client of the shared server; flows called in the test process use that server and its
+    task storage too (stage workers read the runs' parameters there)."""
+    from prefect import settings
+    from prefect.client.orchestration import get_client
+
+    from flows.local_stack import TASK_STORAGE_SETTINGS
+
+    updates = {name: prefect_stack.env[name] for name in ("PREFECT_API_URL", *TASK_STORAGE_SETTINGS)}
+    for name, value in updates.items():
+        monkeypatch.setenv(name, value)
+    with settings.temporary_settings({getattr(settings, name): value for name, value in updates.items()}):
+        with get_client(sync_client=True) as client:
+            yield client

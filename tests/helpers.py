@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
 from stagediff import stages
 from stagediff.plan import make_plan
@@ -37,3 +40,29 @@ def stored_item(request: Request, prompt: str, seed: int):
 def snapshot(folder: Path) -> dict[str, float]:
     """Relative path -> modification time of every file under a store folder."""
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+# -- the real Prefect server (fixtures `prefect_stack`, `prefect_client`) ---------------------------
+HOOKS = Path(__file__).parent / "hooks"
+"""Test-only hooks (sitecustomize.py): put on a worker's PYTHONPATH to inject faults."""
+
+
+def run_deployment_cli(stack, name: str, parameters: dict, watch: bool = True):
+    """`prefect deployment run NAME --params JSON [--watch]`, as a user types it."""
+    return stack.prefect("deployment", "run", name, "--params", json.dumps(parameters), *(["--watch"] if watch else []),
+                         check=False)
+
+
+def latest_run(client, flow_name: str):
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])), sort="START_TIME_DESC", limit=1)
+    return runs[0]
+
+
+def wait_for_state(client, run_id, predicate, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run_id)
+        if run.state and predicate(run.state):
+            return run
+        time.sleep(1)
+    raise AssertionError(f"flow run {run_id} stayed {run.state.name}")

@@ -1,57 +1,16 @@
-"""The real setup: a Prefect server, cpu-pool and tpu-pool with process workers, the deployments of
-prefect.yaml. No mocks: flows run in worker processes, as they do for users."""
+"""The ephemeral way to run stages: stage flow runs of the deployments on cpu-pool and tpu-pool,
+started by process workers, on the shared real server (`prefect_stack`). No mocks: flows run in
+worker processes, as they do for users."""
 
 from __future__ import annotations
 
-import json
 import time
 
-import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
+from prefect.client.schemas.filters import FlowRunFilter
 from prefect.states import AwaitingRetry, Crashed
 
-from flows.local_stack import LocalStack
-from helpers import snapshot
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    stack = LocalStack(tmp_path_factory.mktemp("prefect"), extra_env={"PREFECT_UI_ENABLED": "false"})
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop()
-
-
-@pytest.fixture
-def client(stack, monkeypatch):
-    monkeypatch.setenv("PREFECT_API_URL", stack.api_url)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: stack.api_url}):
-        with get_client(sync_client=True) as client:
-            yield client
-
-
-def run_deployment_cli(stack, name: str, parameters: dict):
-    return stack.prefect("deployment", "run", name, "--params", json.dumps(parameters), "--watch", check=False)
-
-
-def latest_run(client, flow_name: str):
-    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])), sort="START_TIME_DESC", limit=1)
-    return runs[0]
-
-
-def wait_for_state(client, run_id, predicate, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = client.read_flow_run(run_id)
-        if run.state and predicate(run.state):
-            return run
-        time.sleep(1)
-    raise AssertionError(f"flow run {run_id} stayed {run.state.name}")
+from flows.local_stack import PROJECT_DIR
+from helpers import HOOKS, latest_run, run_deployment_cli, snapshot, wait_for_state
 
 
 def stage_runs_of(client, generate_run) -> dict[str, list]:
@@ -68,16 +27,17 @@ def stage_runs_of(client, generate_run) -> dict[str, list]:
 
 
 def params(model, store, **extra):
-    return {"model": str(model), "prompts": ["a red cat", "a blue dog"], "seeds": [0, 1], "steps": 2, "store": str(store), **extra}
+    return {"model": str(model), "prompts": ["a red cat", "a blue dog"], "seeds": [0, 1], "steps": 2, "height": 64,
+            "width": 64, "store": str(store), "dispatch": "deployments", **extra}
 
 
-def test_generate_deployment_runs_each_stage_on_its_pool(stack, client, tiny_sdxl, tmp_path):
-    result = run_deployment_cli(stack, "generate/stagediff", params(tiny_sdxl, tmp_path))
+def test_generate_deployment_runs_each_stage_on_its_pool(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
+    result = run_deployment_cli(prefect_stack, "generate/stagediff", params(tiny_sdxl, tmp_path))
     assert result.returncode == 0, result.stdout[-2000:]
 
-    generate_run = latest_run(client, "generate")
+    generate_run = latest_run(prefect_client, "generate")
     assert generate_run.state.is_completed() and generate_run.work_pool_name == "cpu-pool"
-    stage_runs = stage_runs_of(client, generate_run)
+    stage_runs = stage_runs_of(prefect_client, generate_run)
     assert {run.work_pool_name for run in stage_runs["encode"]} == {"cpu-pool"}
     assert {run.work_pool_name for run in stage_runs["denoise"] + stage_runs["decode"]} == {"tpu-pool"}
     assert all(run.state.is_completed() for runs in stage_runs.values() for run in runs)
@@ -85,49 +45,61 @@ def test_generate_deployment_runs_each_stage_on_its_pool(stack, client, tiny_sdx
     assert len(list(tmp_path.glob("embeddings/sdxl/*.safetensors"))) == 2
     assert len(list(tmp_path.glob("latents/sdxl/*.safetensors"))) == 4
     assert len(list(tmp_path.glob("media/*.png"))) == 4
-    artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id={"any_": [generate_run.id]}))
+    artifacts = prefect_client.read_artifacts(flow_run_filter=FlowRunFilter(id={"any_": [generate_run.id]}))
     assert {"progress", "table", "markdown"} <= {artifact.type for artifact in artifacts}
     progress = [a for a in artifacts if a.type == "progress"]
     assert progress[0].data == 100.0
 
 
-def test_a_stage_that_fails_once_is_retried_and_the_run_completes(stack, client, tiny_sdxl, tmp_path):
+def test_a_stage_that_fails_once_is_retried_and_the_run_completes(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
     marker = tmp_path / "denoise-failed-once"
-    stack.kill("worker-tpu-pool")
-    stack.start_worker("tpu-pool", env={"STAGEDIFF_FAIL_ONCE": f"denoise:{marker}"})
+    prefect_stack.kill("worker-tpu-pool")
+    prefect_stack.start_worker("tpu-pool", env={"PYTHONPATH": f"{HOOKS}:{PROJECT_DIR}",
+                                                "STAGEDIFF_TEST_FAIL_ONCE": f"denoise:{marker}"})
     try:
-        result = run_deployment_cli(stack, "generate/stagediff", params(tiny_sdxl, tmp_path / "store"))
+        result = run_deployment_cli(prefect_stack, "generate/stagediff", params(tiny_sdxl, tmp_path / "store"))
     finally:
-        stack.kill("worker-tpu-pool")
-        stack.start_worker("tpu-pool")
+        prefect_stack.kill("worker-tpu-pool")
+        prefect_stack.start_worker("tpu-pool")
     assert result.returncode == 0, result.stdout[-2000:]
     assert marker.exists()
-    denoise_run = stage_runs_of(client, latest_run(client, "generate"))["denoise"][0]
-    denoise_tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [denoise_run.id]}))
+    denoise_run = stage_runs_of(prefect_client, latest_run(prefect_client, "generate"))["denoise"][0]
+    denoise_tasks = prefect_client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [denoise_run.id]}))
     assert [t.run_count for t in denoise_tasks if t.name.startswith("denoise")] == [2]
     assert len(list((tmp_path / "store").glob("media/*.png"))) == 4
 
 
-def test_crashed_run_retried_from_the_ui_redoes_only_missing_items(stack, client, tiny_sdxl, tmp_path):
+def test_a_bad_parameter_fails_a_stage_deployment_run_at_once(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
+    result = run_deployment_cli(prefect_stack, "denoise/stagediff", params(tiny_sdxl, tmp_path, steps=-3))
+    assert result.returncode != 0
+
+    denoise_run = latest_run(prefect_client, "denoise")
+    assert denoise_run.state.is_failed() and denoise_run.run_count == 1  # no retry of bad input
+    assert "--steps -3 must be a positive integer" in denoise_run.state.message
+    assert "\n" not in denoise_run.state.message.strip()
+    assert not tmp_path.exists() or not any(tmp_path.rglob("*.safetensors"))
+
+
+def test_crashed_run_retried_from_the_ui_redoes_only_missing_items(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
     store = tmp_path / "store"
-    parameters = params(tiny_sdxl, store, steps=80, prompts=["a red cat"], seeds=[0, 1, 2, 3])
-    stack.prefect("deployment", "run", "generate/stagediff", "--params", json.dumps(parameters))
+    parameters = params(tiny_sdxl, store, steps=30, prompts=["a red cat"], seeds=[0, 1, 2, 3])
+    run_deployment_cli(prefect_stack, "generate/stagediff", parameters, watch=False)
     deadline = time.monotonic() + 300
     while not list(store.glob("latents/sdxl/*.safetensors")) and time.monotonic() < deadline:
         time.sleep(0.2)
-    stack.kill("worker-tpu-pool")  # the worker and its flow run die mid-denoise
+    prefect_stack.kill("worker-tpu-pool")  # the worker and its flow run die mid-denoise
     done_before = snapshot(store)
     assert 0 < len([p for p in done_before if p.startswith("latents/")]) < 4
 
-    generate_run = latest_run(client, "generate")
-    (denoise_run,) = stage_runs_of(client, generate_run)["denoise"]
+    generate_run = latest_run(prefect_client, "generate")
+    (denoise_run,) = stage_runs_of(prefect_client, generate_run)["denoise"]
     # What the server's heartbeat monitor does for a run whose worker died:
-    client.set_flow_run_state(denoise_run.id, Crashed(message="worker killed"), force=True)
-    wait_for_state(client, generate_run.id, lambda s: s.is_final())
+    prefect_client.set_flow_run_state(denoise_run.id, Crashed(message="worker killed"), force=True)
+    wait_for_state(prefect_client, generate_run.id, lambda s: s.is_final())
 
-    stack.start_worker("tpu-pool")
-    client.set_flow_run_state(generate_run.id, AwaitingRetry(), force=True)  # the UI's "Retry"
-    finished = wait_for_state(client, generate_run.id, lambda s: s.is_final())
+    prefect_stack.start_worker("tpu-pool")
+    prefect_client.set_flow_run_state(generate_run.id, AwaitingRetry(), force=True)  # the UI's "Retry"
+    finished = wait_for_state(prefect_client, generate_run.id, lambda s: s.is_final())
     assert finished.state.is_completed()
 
     after = snapshot(store)
@@ -135,14 +107,15 @@ def test_crashed_run_retried_from_the_ui_redoes_only_missing_items(stack, client
     assert all(after[path] == mtime for path, mtime in done_before.items() if path.startswith("latents/"))
 
 
-def test_sweep_is_scheduled_and_a_new_seed_generates_only_its_items(stack, client, tiny_sdxl, tmp_path):
-    deployment = client.read_deployment_by_name("sweep/nightly")
+def test_sweep_is_scheduled_and_a_new_seed_generates_only_its_items(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
+    deployment = prefect_client.read_deployment_by_name("sweep/nightly")
     assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
 
-    sweep = {"model": str(tiny_sdxl), "prompts": ["a red cat"], "seed_start": 0, "seed_count": 1, "steps": 2, "store": str(tmp_path)}
-    assert run_deployment_cli(stack, "sweep/nightly", sweep).returncode == 0
+    sweep = {"model": str(tiny_sdxl), "prompts": ["a red cat"], "seed_start": 0, "seed_count": 1, "steps": 2,
+             "store": str(tmp_path)}
+    assert run_deployment_cli(prefect_stack, "sweep/nightly", sweep).returncode == 0
     first = snapshot(tmp_path)
-    assert run_deployment_cli(stack, "sweep/nightly", {**sweep, "seed_count": 2}).returncode == 0
+    assert run_deployment_cli(prefect_stack, "sweep/nightly", {**sweep, "seed_count": 2}).returncode == 0
     second = snapshot(tmp_path)
 
     new = {path for path in second if path not in first and not path.startswith("runs/")}

@@ -1,0 +1,56 @@
+"""Test-only fault injection, loaded by processes started with tests/hooks on PYTHONPATH (Python
+imports `sitecustomize` at start-up). `STAGEDIFF_TEST_FAIL_ONCE=<stage>:<marker-file>` makes the first
+call of that stage function in `stagediff.stages` raise a transient error (and create the marker);
+later calls run normally. Nothing in the product reads this variable."""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+TARGET_MODULE = "stagediff.stages"
+
+
+class InjectedFailure(RuntimeError):
+    """A transient failure raised on purpose by the test hook."""
+
+
+def _fail_first_call(function, marker: Path):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if not marker.exists():
+            marker.touch()
+            raise InjectedFailure(f"{function.__name__}: injected transient failure (test hook)")
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Wraps the stage function once `stagediff.stages` has been executed."""
+
+    def __init__(self, stage: str, marker: Path):
+        self.stage, self.marker = stage, marker
+
+    def find_spec(self, name, path=None, target=None):
+        if name != TARGET_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            setattr(module, self.stage, _fail_first_call(getattr(module, self.stage), self.marker))
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+_stage, _, _marker = os.environ.get("STAGEDIFF_TEST_FAIL_ONCE", "").partition(":")
+if _stage and _marker:
+    sys.meta_path.insert(0, _PatchAfterImport(_stage, Path(_marker)))
