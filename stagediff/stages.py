@@ -6,12 +6,15 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from stagediff import __version__
-from stagediff.backends import default_mesh, place_pipeline, resolve_backend
+from stagediff.backends import default_mesh, free_device_bytes, place_pipeline, resolve_backend
+from stagediff.decoding import choose_tile, place_decoder, set_tiling, tiles_used, vae_input_shape
 from stagediff.errors import CorruptArtifact, StagediffError
 from stagediff.media import is_valid_media, media_bytes
 from stagediff.plan import Item, Plan
@@ -49,6 +52,10 @@ _loaded: dict[str, _Loaded] = {}
 _stage_locks = {stage: threading.Lock() for stage in (ENCODE, DENOISE, DECODE)}
 
 
+_COMPUTED_COMPONENT = {DENOISE: lambda family: family.denoiser_component, DECODE: lambda family: "vae"}
+"""The component whose weights size the default mesh of a stage on the accelerator."""
+
+
 def _components_of(plan: Plan, stage: str) -> tuple[str, ...]:
     family = plan.family
     return {ENCODE: family.encode_components, DENOISE: family.denoise_components, DECODE: family.decode_components}[stage]
@@ -57,8 +64,9 @@ def _components_of(plan: Plan, stage: str) -> tuple[str, ...]:
 def _stage_pipeline(plan: Plan, stage: str, backend: str) -> tuple[_Loaded, float]:
     """The stage's pipeline (only its components loaded), kept for the next call with the same key."""
     mesh = plan.request.mesh
-    if stage == DENOISE and mesh is None:
-        mesh = default_mesh(backend, plan.request.batch_size, plan.model.folder / plan.family.denoiser_component)
+    if stage in _COMPUTED_COMPONENT and mesh is None:
+        weights = plan.model.folder / _COMPUTED_COMPONENT[stage](plan.family)
+        mesh = default_mesh(backend, plan.request.batch_size, weights)
     key = (str(plan.model.folder), plan.settings.dtype, backend, mesh)
     loaded = _loaded.get(stage)
     if loaded is not None and loaded.key == key:
@@ -81,7 +89,8 @@ def _stage_pipeline(plan: Plan, stage: str, backend: str) -> tuple[_Loaded, floa
             mesh=mesh, family=plan.family.name,
         )
     elif stage == DECODE:
-        pipe = place_pipeline(pipe, "torch", None)
+        pipe = place_decoder(pipe, backend, plan.family.vae_dtype(pipe.vae), on_compile=compile_seconds.append,
+                             mesh=mesh)
     loaded = _Loaded(key, pipe, compile_seconds)
     _loaded[stage] = loaded
     return loaded, time.perf_counter() - start
@@ -143,8 +152,7 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
     embeddings = {key: _read_embeddings(plan, item) for key, item in first_user.items()}
     with _stage_locks[DENOISE]:
         loaded, result.load_seconds = _stage_pipeline(plan, DENOISE, backend)
-        compiles_before = len(loaded.compile_seconds)
-        hits_before = compile_cache.stats.hits
+        counting = _count_compiles(loaded, result)
         progress.stage_started(DENOISE, len(pending))
         batch_size = plan.request.batch_size
         for first in range(0, len(pending), batch_size):
@@ -169,15 +177,14 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
             seconds = (time.perf_counter() - start) / len(batch)
             result.item_seconds.extend([seconds] * len(batch))
         progress.stage_finished(DENOISE)
-        result.compile_seconds = sum(loaded.compile_seconds[compiles_before:])
-        result.compiles = len(loaded.compile_seconds) - compiles_before
-        result.compile_cache_hits = compile_cache.stats.hits - hits_before
+        counting()
     result.computed = len(pending)
     return result
 
 
 def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
-    """Write one media file (PNG or MP4) per (prompt, seed) that lacks a valid one."""
+    """Write one media file (PNG or MP4) per (prompt, seed) that lacks a valid one, `batch_size` items
+    per call, in tiles when `--vae-tiling` asks or the device's memory needs them."""
     progress = progress or Progress()
     store = plan.store
     items = plan.items
@@ -186,21 +193,55 @@ def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
     pending = [item for item in items if not _has_valid_media(plan, item)]
     if not pending:
         return result
+    backend = resolve_backend(plan.request.backend)
     with _stage_locks[DECODE]:
-        loaded, result.load_seconds = _stage_pipeline(plan, DECODE, "torch")
+        loaded, result.load_seconds = _stage_pipeline(plan, DECODE, backend)
+        counting = _count_compiles(loaded, result)
         progress.stage_started(DECODE, len(pending))
-        for item in pending:
+        vae = loaded.pipe.vae
+        batch_size = plan.request.batch_size
+        for first in range(0, len(pending), batch_size):
+            batch = pending[first : first + batch_size]
             start = time.perf_counter()
-            latents = _read_latents(plan, item)
+            latents = torch.cat([_read_latents(plan, item) for item in batch])
+            shape = vae_input_shape(vae, len(batch), plan.settings)
+            tile = choose_tile(vae, shape, plan.settings.vae_tiling, free_device_bytes(backend))
+            set_tiling(vae, tile)
+            tiling = {"vae_tile": tile} if tiles_used(vae, shape, tile) else {}
             with torch.no_grad():
-                frames = plan.family.decode(loaded.pipe, latents, plan.settings)
-                data = media_bytes(extension, frames, plan.settings.fps, media_metadata(plan, item))
-            uri = store.write_bytes(item.media_path, data)
-            result.item_seconds.append(time.perf_counter() - start)
-            progress.item_done(DECODE, uri)
+                chunks = plan.family.decode(loaded.pipe, latents, plan.settings)
+                for item, frames in zip(batch, _per_item(chunks, len(batch))):
+                    metadata = {**media_metadata(plan, item), **tiling}
+                    uri = store.write_bytes(item.media_path, media_bytes(extension, frames, plan.settings.fps, metadata))
+                    progress.item_done(DECODE, uri)
+            seconds = (time.perf_counter() - start) / len(batch)
+            result.item_seconds.extend([seconds] * len(batch))
         progress.stage_finished(DECODE)
+        counting()
     result.computed = len(pending)
     return result
+
+
+def _per_item(chunks: Iterator[np.ndarray], batch: int) -> list[Iterable[np.ndarray]]:
+    """Split decoded chunks `[B, f, H, W, 3]` into each item's chunks `[f, H, W, 3]`: streamed for one
+    item (a video goes to its encoder frame by frame), gathered for a batch."""
+    if batch == 1:
+        return [(chunk[0] for chunk in chunks)]
+    gathered = list(chunks)
+    return [[chunk[index] for chunk in gathered] for index in range(batch)]
+
+
+def _count_compiles(loaded: _Loaded, result: StageResult):
+    """Start counting the compilations of a stage call; the returned function writes them to `result`."""
+    compiles_before = len(loaded.compile_seconds)
+    hits_before = compile_cache.stats.hits
+
+    def finish() -> None:
+        result.compile_seconds = sum(loaded.compile_seconds[compiles_before:])
+        result.compiles = len(loaded.compile_seconds) - compiles_before
+        result.compile_cache_hits = compile_cache.stats.hits - hits_before
+
+    return finish
 
 
 def missing_stages(plan: Plan) -> list[str]:
