@@ -85,6 +85,14 @@ def traceable_forward(jittable, inputs: Flattened, layouts: dict) -> Callable:
     return functools.partial(jittable.functional_call, forward)
 
 
+def input_spec(shape: tuple[int, ...], mesh) -> tuple:
+    """An input's partition spec on `mesh`: batch on `dp` where it divides, everything else replicated.
+    Explicit input shardings keep XLA from guessing (unsharded torchax inputs made reference steps ~10x
+    slower)."""
+    dp = dict(mesh.shape).get("dp", 1)
+    return ("dp",) if shape and dp > 1 and shape[0] % dp == 0 else ()
+
+
 class CompiledModule:
     """A torch module whose forward runs as a jax-jitted function on the JAX default device."""
 
@@ -101,9 +109,11 @@ class CompiledModule:
         blocks when `STAGEDIFF_ATTENTION` selects it (the default on TPU)."""
         import torchax
 
+        from tpu_ops import torchax_fixes
         from tpu_ops.compile_cache import enable_compile_cache
 
         enable_compile_cache()
+        torchax_fixes.apply()
         self.env = torchax.default_env()
         mode = attention_mode()
         if mode.startswith("flash"):
@@ -186,11 +196,7 @@ class CompiledModule:
         return torch_view(jax.device_put(jax_view(tensor), sharding))
 
     def _place_input(self, value):
-        """Batch on `dp` where it divides, everything else replicated: explicit input shardings keep
-        XLA from guessing (unsharded torchax inputs made reference steps ~10x slower)."""
-        dp = dict(self.mesh.shape).get("dp", 1)
-        batched = value.ndim > 0 and dp > 1 and value.shape[0] % dp == 0
-        return self._put(value, ("dp",) if batched else ())
+        return self._put(value, input_spec(tuple(value.shape), self.mesh))
 
     def _program_for(self, inputs: Flattened) -> tuple[Callable, dict]:
         with self._lock:
