@@ -142,11 +142,15 @@ class CompiledModule:
         return len(self.compiled_signatures)
 
     def __call__(self, *args, **kwargs):
-        return pytree.tree_map(to_torch, self.call_on_device(*args, **kwargs))
+        return self._call(args, kwargs, to_host=True)
 
     def call_on_device(self, *args, **kwargs):
         """Call the module, leaving the result's tensors on the JAX device(s) as torchax tensors: state
-        that only feeds the next call (a decoder's feature cache) never travels to the host."""
+        that only feeds the next call (a decoder's feature cache) never travels to the host. The first
+        call of a signature reports its tracing and compilation, not its (asynchronous) execution."""
+        return self._call(args, kwargs, to_host=False)
+
+    def _call(self, args: tuple, kwargs: dict, to_host: bool):
         inputs = Flattened.of((args, kwargs))
         first = inputs.signature not in self.compiled_signatures
         start = time.perf_counter()
@@ -157,6 +161,8 @@ class CompiledModule:
                 raise
             self._fall_back_to_xla_attention(error)
             result = self._run(inputs)
+        if to_host:
+            result = pytree.tree_map(to_torch, result)
         self._record(inputs.signature, time.perf_counter() - start)
         return result
 
