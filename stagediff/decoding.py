@@ -82,14 +82,18 @@ DECODER_STAND_INS: dict[str, Callable] = {"AutoencoderKLWan": CompiledCausalDeco
 
 def place_decoder(pipe, backend: str, vae_dtype: torch.dtype, on_compile=None, mesh: str | None = None):
     """Put the decode stage's VAE in `vae_dtype` on its backend: with torchax, its decoder network
-    compiled (weights replicated over `mesh`, items of a batch split over its `dp` axis)."""
+    compiled; on `mesh` its weights replicated, the items of a batch over `dp` and their rows over the
+    other axes."""
     pipe.vae.to(vae_dtype)
     if backend == "torch":
         return place_pipeline(pipe, backend, None, mesh=mesh)
+    from tpu_ops.compiled_module import image_input_spec
+
     vae = pipe.vae
     stand_in = DECODER_STAND_INS.get(type(vae).__name__, _compiled_decoder)
+    compiled = stand_in(vae.decoder, on_compile=on_compile, mesh=device_mesh(mesh), input_layout=image_input_spec)
     # nn.Module would refuse a non-Module child; the VAE only calls its decoder.
-    object.__setattr__(vae, "decoder", stand_in(vae.decoder, on_compile=on_compile, mesh=device_mesh(mesh)))
+    object.__setattr__(vae, "decoder", compiled)
     return pipe
 
 
@@ -157,31 +161,32 @@ def decode_bytes(vae, latents_shape: tuple[int, ...], dtype: torch.dtype) -> int
     largest activation of the VAE's decode (traced on the meta device, no memory used) times
     `PEAK_ACTIVATIONS`. A causal video VAE decodes one latent frame at a time, so three latent
     frames (the first, the second and a steady-state one) stand for any number."""
-    twin = _meta_twin(type(vae), json.dumps(dict(vae.config), sort_keys=True, default=str))
     shape = list(latents_shape)
     if len(shape) == 5:
         shape[2] = min(shape[2], 3)
-    largest = [0]
+    config = json.dumps(dict(vae.config), sort_keys=True, default=str)
+    largest = _largest_activation(type(vae), config, tuple(shape))
+    return PEAK_ACTIVATIONS * largest * torch.empty((), dtype=dtype).element_size()
+
+
+@functools.lru_cache(maxsize=64)
+def _largest_activation(vae_class: type, config_json: str, shape: tuple[int, ...]) -> int:
+    """Elements of the largest tensor a module of an (untiled) VAE returns while decoding latents of
+    `shape`, its weights on the meta device (shapes only)."""
+    with torch.device("meta"):
+        twin = vae_class.from_config(json.loads(config_json)).eval()
+    largest = 0
 
     def record(module, inputs, output):
+        nonlocal largest
         if isinstance(output, torch.Tensor):
-            largest[0] = max(largest[0], output.numel())
+            largest = max(largest, output.numel())
 
-    hooks = [module.register_forward_hook(record) for module in twin.modules()]
-    try:
-        with torch.no_grad():
-            twin.decode(torch.empty(shape, device="meta"))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return PEAK_ACTIVATIONS * largest[0] * torch.empty((), dtype=dtype).element_size()
-
-
-@functools.lru_cache(maxsize=4)
-def _meta_twin(vae_class: type, config_json: str):
-    """An untiled copy of a VAE with weights on the meta device (shapes only)."""
-    with torch.device("meta"):
-        return vae_class.from_config(json.loads(config_json)).eval()
+    for module in twin.modules():
+        module.register_forward_hook(record)
+    with torch.no_grad():
+        twin.decode(torch.empty(shape, device="meta"))
+    return largest
 
 
 def choose_tile(vae, latents_shape: tuple[int, ...], forced: bool, free_bytes: int | None) -> int | None:

@@ -30,6 +30,9 @@ SIZES = {
 }
 
 
+MESHES = {"sdxl": dict(mesh="tp=8", batch_size=1), "wan": dict(mesh="dp=2,tp=4", batch_size=2)}
+
+
 def media_pixels(plan, item) -> np.ndarray:
     """uint8 frames `[f, H, W, 3]` of an item's media file."""
     data = plan.store.read_bytes(item.media_path)
@@ -65,8 +68,8 @@ def assert_same_media(plan_a, plan_b) -> None:
 def test_torchax_decode_equals_torch_decode_and_compiles_once_per_shape(tiny_models, tmp_path, family):
     """Two items decoded with torchax equal torch's; a second call compiles nothing; one image program,
     three for Wan's causal decoder (first frame, second, and every later one: 13 frames are 4 latent
-    frames). SDXL and Wan also decode both items in one call on 8 devices (`dp=2,tp=4`), equal to one
-    device."""
+    frames). On 8 devices, equal to one: SDXL one item at a time, its rows split 8 ways (`tp=8`); Wan
+    both items in one call, one per half (`dp=2`), their rows split 4 ways (`tp=4`)."""
     torch_request = Request(model=str(tiny_models(family)), prompts=["a cat"], seeds=[0, 1], steps=1,
                             store=str(tmp_path / "torch"), backend="torch", **SIZES[family])
     run_all_stages(torch_request)
@@ -80,11 +83,10 @@ def test_torchax_decode_equals_torch_decode_and_compiles_once_per_shape(tiny_mod
     again = stages.decode(plan)
     assert (again.computed, again.compiles) == (2, 0)
 
-    if family in ("sdxl", "wan"):
+    if family in MESHES:
         assert jax.device_count() == 8
         latents_only(tmp_path / "torch", tmp_path / "mesh")
-        meshed, result = decode_with(torch_request, store=str(tmp_path / "mesh"), backend="torchax", mesh="dp=2,tp=4",
-                                     batch_size=2)
+        meshed, result = decode_with(torch_request, store=str(tmp_path / "mesh"), backend="torchax", **MESHES[family])
         assert (result.computed, result.compiles) == (2, programs)
         assert_same_media(plan, meshed)
     stages.release()

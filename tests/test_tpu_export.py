@@ -20,7 +20,7 @@ from stagediff.plan import make_plan
 from stagediff.request import Request
 from stagediff.tiny import flux1, flux2, sdxl, wan
 from tpu_ops.attention import FAMILY_ATTENTION, AttentionConfig
-from tpu_ops.compiled_module import Flattened
+from tpu_ops.compiled_module import Flattened, image_input_spec
 from tpu_ops.export import export_call
 from tpu_ops.mesh import make_mesh
 from tpu_ops.sharding import RULES
@@ -132,32 +132,38 @@ def test_the_denoiser_step_lowers_for_tpu_with_the_flash_kernel(family):
     assert prediction.shape == expected.shape
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux1", "flux2"])
-def test_the_image_vae_decode_lowers_for_tpu(family):
-    """The decoder network at 1024² (FLUX.2-klein shares FLUX.2's VAE)."""
+@pytest.mark.parametrize("family, mesh", [("sdxl", None), ("flux1", "tp=8"), ("flux2", None)])
+def test_the_image_vae_decode_lowers_for_tpu(family, mesh):
+    """The decoder network at 1024² (FLUX.2-klein shares FLUX.2's VAE); on 8 chips, the image's rows
+    split over them."""
     case = FAMILIES[family]
     vae = on_meta(case.vae)
-    call = export_call(vae.decoder, meta(1, vae.config.latent_channels, case.height // 8, case.width // 8))
+    device_mesh = make_mesh(mesh) if mesh else None
+    call = export_call(vae.decoder, meta(1, vae.config.latent_channels, case.height // 8, case.width // 8),
+                       mesh=device_mesh, input_layout=image_input_spec)
     assert call.outputs.shape == (1, 3, case.height, case.width)
+    assert call.exported.nr_devices == (8 if mesh else 1)
     assert kernel_calls(call.exported) == 1  # the mid-block attention over all 16384 latent pixels
 
 
 def test_every_wan_vae_program_lowers_for_tpu():
-    """The causal decoder's three programs at 480p: the first latent frame (empty cache), the second
-    (one cached frame) and every later one (two), each feeding the next its cache."""
+    """The causal decoder's three programs at 480p on 8 chips (the frame's columns split over them): the
+    first latent frame (empty cache), the second (one cached frame) and every later one (two), each
+    feeding the next its cache."""
     case = FAMILIES["wan"]
     vae = on_meta(case.vae)
     assert DECODER_STAND_INS[type(vae).__name__].__name__ == "CompiledCausalDecoder"
     vae.clear_cache()
-    cache, step = vae._feat_map, CausalStep(vae.decoder)
+    cache, step, mesh = vae._feat_map, CausalStep(vae.decoder), make_mesh("tp=8")
     frame = meta(1, vae.config.z_dim, 1, case.height // 8, case.width // 8)
     signatures = []
     for index in range(4):
         inputs = Flattened.of(((frame, cache, 0), {"first_chunk": index == 0}))
-        call = export_call(step, frame, cache, 0, first_chunk=index == 0)
+        call = export_call(step, frame, cache, 0, first_chunk=index == 0, mesh=mesh, input_layout=image_input_spec)
         frames, cache, _ = call.outputs
         signatures.append(inputs.signature)
         assert frames.shape == (1, 3, 1 if index == 0 else 4, case.height, case.width)
+        assert call.exported.nr_devices == 8
     assert len(set(signatures)) == 3  # the fourth frame reuses the third's program
 
 

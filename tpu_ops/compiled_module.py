@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -93,6 +94,22 @@ def input_spec(shape: tuple[int, ...], mesh) -> tuple:
     return ("dp",) if shape and dp > 1 and shape[0] % dp == 0 else ()
 
 
+def image_input_spec(shape: tuple[int, ...], mesh) -> tuple:
+    """For convolutional networks on images and videos (`[B, C, (T,) H, W]`): batch on `dp` where it
+    divides, and the rows (or, where they do not divide, the columns) over every other axis, so that one
+    large item keeps every device busy: XLA partitions the convolutions, exchanging the pixels at the
+    shard edges. Other inputs as `input_spec`."""
+    spec = list(input_spec(shape, mesh)) + [None] * (len(shape) - len(input_spec(shape, mesh)))
+    axes = tuple(axis for axis, size in dict(mesh.shape).items() if size > 1 and axis not in spec)
+    shards = math.prod(dict(mesh.shape)[axis] for axis in axes)
+    if len(shape) >= 4 and axes:
+        for dim in (-2, -1):
+            if shape[dim] % shards == 0:
+                spec[dim] = axes
+                break
+    return tuple(spec)
+
+
 class CompiledModule:
     """A torch module whose forward runs as a jax-jitted function on the JAX default device."""
 
@@ -103,10 +120,12 @@ class CompiledModule:
         mesh=None,
         rules: list | None = None,
         attention: AttentionConfig = AttentionConfig(),
+        input_layout: Callable[[tuple, object], tuple] = input_spec,
     ):
-        """`mesh` (a jax Mesh) and `rules` (a sharding rule table) shard the weights over the devices;
-        without a mesh the module runs on the JAX default device. `attention` sets the flash kernel's
-        blocks when `STAGEDIFF_ATTENTION` selects it (the default on TPU)."""
+        """`mesh` (a jax Mesh) and `rules` (a sharding rule table) shard the weights over the devices,
+        and `input_layout(shape, mesh)` gives each input tensor's partition spec; without a mesh the
+        module runs on the JAX default device. `attention` sets the flash kernel's blocks when
+        `STAGEDIFF_ATTENTION` selects it (the default on TPU)."""
         import torchax
 
         from tpu_ops import torchax_fixes
@@ -122,6 +141,7 @@ class CompiledModule:
                                             kernel=mode.startswith("flash"))
         self.module = module.eval()
         self.mesh = mesh
+        self.input_layout = input_layout
         with self.env:
             self.module.to("jax")
         self.jittable = torchax.interop.JittableModule(self.module)
@@ -202,7 +222,7 @@ class CompiledModule:
         return torch_view(jax.device_put(jax_view(tensor), sharding))
 
     def _place_input(self, value):
-        return self._put(value, input_spec(tuple(value.shape), self.mesh))
+        return self._put(value, self.input_layout(tuple(value.shape), self.mesh))
 
     def _program_for(self, inputs: Flattened) -> tuple[Callable, dict]:
         with self._lock:

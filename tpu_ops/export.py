@@ -8,6 +8,7 @@ VM. Exporting only traces, so the module's weights need not exist: build it on t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,12 @@ class ExportedCall:
 
 
 def export_call(module: torch.nn.Module, *args, platforms: tuple[str, ...] = ("tpu",), mesh=None,
-                rules: list | None = None, attention: AttentionConfig = AttentionConfig(), **kwargs) -> ExportedCall:
-    """Lower the program `CompiledModule(module, mesh=mesh, rules=rules, attention=attention)(*args,
-    **kwargs)` compiles on TPU (flash attention on), for `platforms`. Tensors in the arguments (meta ones
-    too) give shapes and dtypes; on a mesh, weights and inputs are laid out as CompiledModule lays them."""
+                rules: list | None = None, attention: AttentionConfig = AttentionConfig(),
+                input_layout: Callable[[tuple, object], tuple] = input_spec, **kwargs) -> ExportedCall:
+    """Lower the program `CompiledModule(module, mesh=mesh, rules=rules, attention=attention,
+    input_layout=input_layout)(*args, **kwargs)` compiles on TPU (flash attention on), for `platforms`.
+    Tensors in the arguments (meta ones too) give shapes and dtypes; on a mesh, weights and inputs are
+    laid out as CompiledModule lays them."""
     import jax
     import torchax
     from torchax.interop import JittableModule, jax_view
@@ -54,7 +57,7 @@ def export_call(module: torch.nn.Module, *args, platforms: tuple[str, ...] = ("t
     exported = jax.export.export(jax.jit(program), platforms=list(platforms))(
         {name: _abstract(tensor, mesh, specs[name]) for name, tensor in jittable.params.items()},
         {name: _abstract(tensor, mesh, ()) for name, tensor in jittable.buffers.items()},
-        [_abstract(tensor, mesh, input_spec(tuple(tensor.shape), mesh) if mesh else ()) for tensor in inputs.tensors],
+        [_abstract(tensor, mesh, input_layout(tuple(tensor.shape), mesh) if mesh else ()) for tensor in inputs.tensors],
     )
     layout = layouts[tuple(tuple(t.shape) for t in inputs.tensors)]
     outputs = [torch.empty(aval.shape, dtype=_torch_dtype(aval.dtype), device="meta") for aval in exported.out_avals]
