@@ -46,12 +46,16 @@ def sdxl_call(config, batch, height, width, frames, dtype):
     )
 
 
+def flux_latents(config, batch, tokens, dtype) -> dict:
+    """The arguments FLUX.1 and FLUX.2 pipelines both pass first: packed latents, timestep, guidance."""
+    return dict(hidden_states=meta(batch, tokens, config.in_channels, dtype=dtype), timestep=meta(batch, dtype=dtype),
+                guidance=meta(batch, dtype=F32) if config.guidance_embeds else None)
+
+
 def flux1_call(config, batch, height, width, frames, dtype):
     tokens = (height // 16) * (width // 16)
     return (), dict(
-        hidden_states=meta(batch, tokens, config.in_channels, dtype=dtype), timestep=meta(batch, dtype=dtype),
-        guidance=meta(batch, dtype=F32) if config.guidance_embeds else None,
-        pooled_projections=meta(batch, config.pooled_projection_dim, dtype=dtype),
+        **flux_latents(config, batch, tokens, dtype), pooled_projections=meta(batch, config.pooled_projection_dim, dtype=dtype),
         encoder_hidden_states=meta(batch, TEXT_TOKENS, config.joint_attention_dim, dtype=dtype),
         txt_ids=meta(TEXT_TOKENS, 3, dtype=dtype), img_ids=meta(tokens, 3, dtype=dtype), joint_attention_kwargs={},
         return_dict=False,
@@ -61,8 +65,7 @@ def flux1_call(config, batch, height, width, frames, dtype):
 def flux2_call(config, batch, height, width, frames, dtype):
     tokens = (height // 16) * (width // 16)
     return (), dict(
-        hidden_states=meta(batch, tokens, config.in_channels, dtype=dtype), timestep=meta(batch, dtype=dtype),
-        guidance=meta(batch, dtype=F32) if config.guidance_embeds else None,
+        **flux_latents(config, batch, tokens, dtype),
         encoder_hidden_states=meta(batch, TEXT_TOKENS, config.joint_attention_dim, dtype=dtype),
         txt_ids=meta(batch, TEXT_TOKENS, 4, dtype=I64), img_ids=meta(batch, tokens, 4, dtype=I64),
         joint_attention_kwargs=None, return_dict=False,
