@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_generation_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
     for option in GENERATION_OPTIONS + RUN_OPTIONS:
         if option.value_type is bool:  # a switch: given means true
-            parser.add_argument(option.flag, dest=option.name, action="store_true", help=option.help,
+            parser.add_argument(*option.flags, dest=option.name, action="store_true", help=option.help,
                                 default=option.default_value)
             continue
         parser.add_argument(
