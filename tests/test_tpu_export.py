@@ -120,7 +120,7 @@ def kernel_calls(exported) -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_denoiser_step_lowers_for_tpu_with_the_flash_kernel(family):
+def test_the_denoiser_step_lowers_for_tpu_with_the_flash_kernel(eight_devices, family):
     case = FAMILIES[family]
     denoiser = on_meta(case.denoiser)
     args, kwargs = case.call(denoiser.config, 1, case.height, case.width, case.frames, BF16)
@@ -136,7 +136,7 @@ def test_the_denoiser_step_lowers_for_tpu_with_the_flash_kernel(family):
 
 
 @pytest.mark.parametrize("family, mesh", [("sdxl", None), ("flux1", "tp=8"), ("flux2", None)])
-def test_the_image_vae_decode_lowers_for_tpu(family, mesh):
+def test_the_image_vae_decode_lowers_for_tpu(eight_devices, family, mesh):
     """The decoder network at 1024² (FLUX.2-klein shares FLUX.2's VAE); on 8 chips, the image's rows
     split over them."""
     case = FAMILIES[family]
@@ -149,7 +149,7 @@ def test_the_image_vae_decode_lowers_for_tpu(family, mesh):
     assert kernel_calls(call.exported) == 1  # the mid-block attention over all 16384 latent pixels
 
 
-def test_every_wan_vae_program_lowers_for_tpu():
+def test_every_wan_vae_program_lowers_for_tpu(eight_devices):
     """The causal decoder's three programs at 480p on 8 chips (the frame's columns split over them): the
     first latent frame (empty cache), the second (one cached frame) and every later one (two), each
     feeding the next its cache."""
