@@ -2,7 +2,7 @@
 reuse, orchestration overhead. Writes benchmarks/results/<date>-<host>.json and .md and prints the table.
 
     python benchmarks/run.py [--quick | --gpu-only [--gpu-families sdxl,flux1,wan] | --real-memory | --cpu-scaling
-                              | --warm]
+                              | --warm | --decode]
 """
 
 from __future__ import annotations
@@ -216,6 +216,47 @@ def cpu_scaling(family: str, case: Case, items: int = 4) -> dict:
     return {"family": family, "model": case.label(), "items": items, "size": case.size,
             "one_process_s_per_item": together_seconds / items, "per_core_processes_s_per_item": apart_seconds / items,
             "fan_out_ratio": together_seconds / apart_seconds, "max_pixel_diff": max(diffs)}
+
+
+def decode_section() -> dict:
+    """Section 8: the decode stage on torchax against torch, the Wan VAE's programs, tiled memory."""
+    return {"backends": [decode_backends(family, case) for family, case in FULL.items()],
+            # No persistent cache: each run compiles (the per-frame programs do not depend on the frame count).
+            "wan_programs": [run_workload("wan_vae_programs", {"mode": mode, "latent_frames": frames, "size": 32},
+                                          {"STAGEDIFF_COMPILE_CACHE": "off"}) | {"mode": mode, "latent_frames": frames}
+                             for frames in WAN_LATENT_FRAMES for mode in ("torch", "frame", "whole")],
+            "tiled_memory": [run_workload("vae_memory", {"size": TILED_MEMORY[0], "tile": tile}) | {"tile": tile}
+                             for tile in (None, TILED_MEMORY[1])]}
+
+
+WAN_LATENT_FRAMES = (5, 21)
+"""17 and 81 video frames."""
+TILED_MEMORY = (1024, 512)
+"""The real SDXL VAE at 1024² (two minutes or more per decode on 2 cores), in one piece and in 512² tiles."""
+
+
+def decode_backends(family: str, case: Case, items: int = 3) -> dict:
+    """The same stored latents decoded by the torch backend and by torchax, the latter in a process with
+    an empty compile cache (cold) and in one with the first's cache."""
+    base = {"model": model_folder(case.model, case.scale), "prompts": PROMPTS[:1], "seeds": list(range(items)),
+            **case.arguments(), "steps": 1}
+    stores = WORK / "stores" / f"decode-{family}"
+    cache = WORK / "decode-cache" / family
+    shutil.rmtree(stores, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    plain = run_workload("staged", {**base, "store": str(stores / "torch")})
+    runs = {}
+    for name in ("cold", "cached"):
+        shutil.copytree(stores / "torch", stores / name, ignore=shutil.ignore_patterns("media"))
+        runs[name] = run_workload("decode_only", {**base, "store": str(stores / name), "backend": "torchax"},
+                                  {"STAGEDIFF_COMPILE_CACHE": str(cache)})
+    warm = lambda seconds: float(np.median(seconds[1:]))  # noqa: E731 - the first item pays the compilation
+    return {"family": family, "model": case.label(), "size": case.size,
+            "torch_s_per_item": warm(plain["stages"]["decode"]["item_seconds"]),
+            "torchax_s_per_item": warm(runs["cold"]["item_seconds"]), "programs": runs["cold"]["compiles"],
+            "cold_compile_s": runs["cold"]["compile_seconds"], "cached_compile_s": runs["cached"]["compile_seconds"],
+            "cache_hits": runs["cached"]["cache_hits"],
+            "max_pixel_diff": max(pixel_diff(a, b) for a, b in zip(plain["media"], runs["cold"]["media"]))}
 
 
 def compile_reuse() -> dict:
@@ -462,6 +503,9 @@ def markdown(report: dict) -> str:
                       for k, v in report[key].items()]
     if "gpu" in report:
         lines += ["", "## 6. GPU: real-size architectures, random weights", ""] + gpu_markdown(report["gpu"])
+    if "decode" in report:
+        lines += ["", "## 9. Decode: torchax against torch, the Wan VAE's programs, tiled memory", ""]
+        lines += decode_markdown(report["decode"])
     if "cpu_scaling" in report:
         lines += ["", "## 7. CPU fan-out: one process on all cores vs one single-thread process per core", ""]
         lines += cpu_scaling_markdown(report["cpu_scaling"])
@@ -502,6 +546,28 @@ def gpu_markdown(section: dict) -> list[str]:
     return lines
 
 
+def decode_markdown(section: dict) -> list[str]:
+    lines = ["Decode stage per item on this CPU (the small models' VAEs), after the first item; compile: the "
+             "first process (empty cache) and a second one (the first's cache).", "",
+             "| family | model | size | torch s/item | torchax s/item | programs | compile cold s | compile cached s "
+             "| cache hits | max pixel diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['family']} | {r['model']} | {r['size']} | {r['torch_s_per_item']:.3f} | "
+              f"{r['torchax_s_per_item']:.3f} | {r['programs']} | {r['cold_compile_s']:.1f} | {r['cached_compile_s']:.1f} | "
+              f"{r['cache_hits']} | {r['max_pixel_diff']} |" for r in section["backends"]]
+    lines += ["", "The real Wan 2.1 VAE (random weights) at 32×32: torch, the per-frame compiled decoder "
+              "stagediff uses, and the whole decode compiled as one program.", "",
+              "| latent frames | video frames | decode | programs | compile s | first decode s | warm decode s |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['latent_frames']} | {r['frames']} | {r['mode']} | {r['programs']} | {r['compile_seconds']:.1f} | "
+              f"{r['first_seconds']:.1f} | {r['warm_seconds']:.1f} |" for r in section["wan_programs"]]
+    lines += ["", f"The real SDXL VAE (random weights) decoding one {TILED_MEMORY[0]}² image in torch: peak "
+              "memory of the process, and stagediff's estimate of the one-piece decode's activations.", "",
+              "| tiles | seconds | peak RSS MB | RSS before decode MB | estimated activations MB |", "|---|---|---|---|---|"]
+    lines += [f"| {r['tile'] or 'none'} | {r['seconds']:.1f} | {r['max_rss_mb']:.0f} | {r['rss_before_decode_mb']:.0f} | "
+              f"{r['estimate_mb']:.0f} |" for r in section["tiled_memory"]]
+    return lines
+
+
 def cpu_scaling_markdown(rows: list[dict]) -> list[str]:
     lines = ["Denoise compute of the same items at the same time, model loads left out.", "",
              "| family | model | items | size | one process s/item | process per core s/item | fan-out ratio "
@@ -511,6 +577,24 @@ def cpu_scaling_markdown(rows: list[dict]) -> list[str]:
                     f"{row['fan_out_ratio']:.2f}× | {row['max_pixel_diff']} |" for row in rows]
 
 
+# Sections run alone by their flag: flag → (report key, measurement, help).
+ONLY_SECTIONS = {
+    "--real-memory": ("real_memory",
+                      lambda: [memory(family, case, "bfloat16") for family, case in REAL_MEMORY.items()],
+                      "only section 3b (real-size SDXL and Wan in bf16: 21 GB of disk, 13 GB of RAM, "
+                      "about 6 minutes on 2 cores)"),
+    "--cpu-scaling": ("cpu_scaling", lambda: [cpu_scaling(family, case) for family, case in FULL.items()],
+                      "only section 7 (the small models, one process on all cores against one "
+                      "single-thread process per core; about 2 minutes on 2 cores)"),
+    "--warm": ("warm", warm_workers,
+               "only section 8 (a batch on the warm stage workers against the in-process CLI, "
+               "one vs two accelerator workers, memory with alternating models)"),
+    "--decode": ("decode", decode_section,
+                 "only section 9 (decode: torchax against torch per family, the real Wan VAE's "
+                 "programs, the real SDXL VAE tiled and not; about 25 minutes on 2 cores)"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 prompts × 2 seeds, no pooled path")
@@ -518,15 +602,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--gpu-only", action="store_true", help="only section 6 (real-size models on the GPU)")
     parser.add_argument("--gpu-families", default=",".join(GPU), help="families for section 6, comma-separated")
-    parser.add_argument("--real-memory", action="store_true",
-                        help="only section 3b (real-size SDXL and Wan in bf16: 21 GB of disk, 13 GB of RAM, "
-                             "about 6 minutes on 2 cores)")
-    parser.add_argument("--cpu-scaling", action="store_true",
-                        help="only section 7 (the small models, one process on all cores against one "
-                             "single-thread process per core; about 2 minutes on 2 cores)")
-    parser.add_argument("--warm", action="store_true",
-                        help="only section 8 (a batch on the warm stage workers against the in-process CLI, "
-                             "one vs two accelerator workers, memory with alternating models)")
+    for flag, (_, _, help_text) in ONLY_SECTIONS.items():
+        parser.add_argument(flag, action="store_true", help=help_text)
     args = parser.parse_args()
     gpu_families = args.gpu_families.split(",")
     unknown = [family for family in gpu_families if family not in GPU]
@@ -542,22 +619,19 @@ def main() -> None:
                    f"torch {torch.__version__}, {torch.get_num_threads()} threads",
         "quick": args.quick,
     }
-    if args.real_memory:
-        report["real_memory"] = [memory(family, case, "bfloat16") for family, case in REAL_MEMORY.items()]
-    elif args.cpu_scaling:
-        report["cpu_scaling"] = [cpu_scaling(family, case) for family, case in FULL.items()]
-    elif args.warm:
-        report["warm"] = warm_workers()
+    only = next((flag for flag in ONLY_SECTIONS if getattr(args, flag[2:].replace("-", "_"))), None)
+    if only:
+        key, measure, _ = ONLY_SECTIONS[only]
+        report[key] = measure()
     elif not args.gpu_only:
         report["sweep"] = [sweep(family, case, prompts, seeds) for family, case in families.items()]
         report["memory"] = [memory(family, case) for family, case in families.items()]
         report["compile"] = compile_reuse()
         report["orchestration"] = orchestration(pooled=not args.quick)
-    if not (args.real_memory or args.cpu_scaling or args.warm):
+    if not only:
         report["gpu"] = {"skipped": "quick mode"} if args.quick else gpu(gpu_families)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = ("-quick" if args.quick else "-gpu" if args.gpu_only else "-real-memory" if args.real_memory
-              else "-cpu-scaling" if args.cpu_scaling else "-warm" if args.warm else "")
+    suffix = "-quick" if args.quick else "-gpu" if args.gpu_only else f"-{only[2:]}" if only else ""
     stem = RESULTS / f"{report['date']}-{socket.gethostname()}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     table = markdown(report)

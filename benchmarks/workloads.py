@@ -163,6 +163,78 @@ def compile_times(args: dict) -> dict:
             "cache_hits": compile_cache.stats.hits}
 
 
+def decode_only(args: dict) -> dict:
+    """The decode stage alone on stored latents (as `stagediff decode` runs it): per-item seconds and,
+    with torchax, its compilations."""
+    from stagediff import stages
+    from stagediff.plan import make_plan
+
+    import_pipeline_class(args["model"])
+    plan = make_plan(_request(args))
+    result = stages.decode(plan)
+    return {"load_seconds": result.load_seconds, "item_seconds": result.item_seconds, "compiles": result.compiles,
+            "compile_seconds": result.compile_seconds, "cache_hits": result.compile_cache_hits,
+            "media": [plan.store.uri_of(item.media_path) for item in plan.items]}
+
+
+def wan_vae_programs(args: dict) -> dict:
+    """The real Wan 2.1 VAE (random weights) decoding `latent_frames` frames two times: in torch, with
+    the per-frame compiled decoder stagediff uses (`frame`), or with its whole decode compiled as one
+    program (`whole`). Compile seconds count tracing and XLA compilation."""
+    import torch
+
+    from stagediff.decoding import CompiledCausalDecoder
+    from stagediff.tiny import wan
+    from tpu_ops.compiled_module import CompiledModule
+
+    class WholeDecode(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latents):
+            return self.vae.decode(latents, return_dict=False)[0]
+
+    torch.manual_seed(0)
+    vae = wan.autoencoder("full").eval()
+    side = args["size"] // 8
+    latents = [torch.randn(1, vae.config.z_dim, args["latent_frames"], side, side) for _ in range(2)]
+    compiles: list[float] = []
+    decode = lambda z: vae.decode(z, return_dict=False)[0]  # noqa: E731
+    if args["mode"] == "frame":
+        object.__setattr__(vae, "decoder", CompiledCausalDecoder(vae.decoder, on_compile=compiles.append))
+    elif args["mode"] == "whole":
+        decode = CompiledModule(WholeDecode(vae), on_compile=compiles.append)
+    seconds = []
+    with torch.no_grad():
+        for z in latents:
+            start = time.perf_counter()
+            frames = decode(z)
+            seconds.append(time.perf_counter() - start)
+    return {"first_seconds": seconds[0], "warm_seconds": seconds[1], "programs": len(compiles),
+            "compile_seconds": sum(compiles), "frames": frames.shape[2]}
+
+
+def vae_memory(args: dict) -> dict:
+    """The real SDXL VAE (random weights) decoding one `size`² image in torch, in one piece or in tiles
+    of `tile` pixels, and stagediff's estimate of the one-piece decode's activations."""
+    import torch
+
+    from stagediff.decoding import decode_bytes, set_tiling
+    from stagediff.tiny import sdxl
+
+    torch.manual_seed(0)
+    vae = sdxl.autoencoder("full").eval()
+    latents = torch.randn(1, vae.config.latent_channels, args["size"] // 8, args["size"] // 8)
+    set_tiling(vae, args.get("tile"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    with torch.no_grad():
+        vae.decode(latents)
+    return {"seconds": time.perf_counter() - start, "rss_before_decode_mb": before,
+            "estimate_mb": decode_bytes(vae, tuple(latents.shape), torch.float32) / 2**20}
+
+
 def flow_in_process(args: dict) -> dict:
     """The `generate` flow in-process on an ephemeral Prefect API (server start timed apart)."""
     from prefect.testing.utilities import prefect_test_harness
@@ -178,7 +250,8 @@ def flow_in_process(args: dict) -> dict:
     return {"server_start_seconds": ready - start, "seconds": done - ready}
 
 
-WORKLOADS = {f.__name__: f for f in (plain_loop, staged, stage, full_pipeline, compile_times, flow_in_process)}
+WORKLOADS = {f.__name__: f for f in (plain_loop, staged, stage, full_pipeline, compile_times, decode_only,
+                                      wan_vae_programs, vae_memory, flow_in_process)}
 
 if __name__ == "__main__":
     import logging

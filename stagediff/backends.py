@@ -51,6 +51,31 @@ def default_mesh(backend: str, batch_size: int, weights: Path) -> str | None:
     return default_mesh_spec(jax.device_count(), batch_size, model_bytes, memory.get("bytes_limit"))
 
 
+def free_device_bytes(backend: str) -> int:
+    """Memory free on the device a stage computes on: the first JAX device's (torchax), the CUDA
+    device's, or the host's (CPU, also JAX's CPU backend, which reports none)."""
+    if backend == "torchax":
+        import jax
+
+        stats = jax.local_devices()[0].memory_stats()
+        if stats and "bytes_limit" in stats:
+            return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    elif torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def device_mesh(spec: str | None):
+    """The jax Mesh of a `--mesh` spec that `check_placement` has accepted (None: no mesh)."""
+    if not spec:
+        return None
+    from tpu_ops.mesh import make_mesh
+
+    return make_mesh(spec)
+
+
 def torch_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -78,12 +103,10 @@ def place_pipeline(pipe, backend: str, compiled_component: str | None, on_compil
         return pipe.to(torch_device())
     from tpu_ops.attention import FAMILY_ATTENTION, AttentionConfig
     from tpu_ops.compiled_module import CompiledModule
-    from tpu_ops.mesh import make_mesh
     from tpu_ops.sharding import RULES
 
-    device_mesh = make_mesh(mesh) if mesh else None
     module = getattr(pipe, compiled_component)
-    compiled = CompiledModule(module, on_compile=on_compile, mesh=device_mesh, rules=RULES.get(family, []),
+    compiled = CompiledModule(module, on_compile=on_compile, mesh=device_mesh(mesh), rules=RULES.get(family, []),
                               attention=FAMILY_ATTENTION.get(family, AttentionConfig()))
     # register_modules would insist on a torch Module; the pipeline only calls it and reads attributes.
     object.__setattr__(pipe, compiled_component, compiled)

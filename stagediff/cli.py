@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_generation_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
     for option in GENERATION_OPTIONS + RUN_OPTIONS:
+        if option.value_type is bool:  # a switch: given means true
+            parser.add_argument(*option.flags, dest=option.name, action="store_true", help=option.help,
+                                default=option.default_value)
+            continue
         parser.add_argument(
             *option.flags, dest=option.name, type=option.value_type, help=option.help,
             choices=option.choices or None, required=required and option.required,

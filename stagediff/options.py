@@ -84,9 +84,12 @@ GENERATION_OPTIONS: tuple[Option, ...] = (
            family_option=True),
     Option("dtype", str, "weights and activations dtype", choices=DTYPES),
     Option("store", str, "artifact store: a local folder or gs://bucket/prefix"),
-    Option("backend", str, "where denoise runs: torchax on TPU by default, torch elsewhere", choices=BACKENDS),
-    Option("batch_size", int, "items denoised per call"),
+    Option("backend", str, "where denoise and decode run: torchax on TPU by default, torch elsewhere",
+           choices=BACKENDS),
+    Option("batch_size", int, "items denoised and decoded per call"),
     Option("mesh", str, "torchax device mesh, e.g. tp=8 or dp=2,tp=4 (axes dp, fsdp, tp)"),
+    Option("vae_tiling", bool, "decode in overlapping tiles (without it: only when one piece would not fit "
+           "the device's memory)"),
 )
 """What to generate: every option of a Request."""
 

@@ -75,7 +75,7 @@ def resolve_settings(request: Request, model: Model) -> Settings:
         if name not in defaults.extras:
             raise StagediffError(f"--{name.replace('_', '-')} is not an option of {family.name} models")
     extras = {**defaults.extras, **given}
-    settings = defaults.replace(dtype=request.dtype, extras=extras, **chosen)
+    settings = defaults.replace(dtype=request.dtype, extras=extras, vae_tiling=request.vae_tiling, **chosen)
     family.validate(settings, model.config_of)
     return settings
 

@@ -34,6 +34,8 @@ class Request:
     mesh: str | None = None
     """Device mesh for the torchax backend, e.g. `dp=2,tp=4` (default: one device, or on a multi-chip
     TPU host `tpu_ops.mesh.default_mesh_spec`)."""
+    vae_tiling: bool = False
+    """Decode in tiles even when one piece would fit the device's memory."""
     extras: dict = field(default_factory=dict)
     """Family-specific options (for example `flow_shift` for Wan)."""
 
@@ -75,6 +77,8 @@ class Request:
                 parse_mesh_spec(self.mesh)
             except MeshError as error:
                 raise StagediffError(str(error)) from None
+        if not isinstance(self.vae_tiling, bool):
+            raise StagediffError(f"--vae-tiling {self.vae_tiling!r} must be true or false")
         if self.backend not in BACKENDS:
             raise StagediffError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from stagediff import __version__
-from stagediff.backends import default_mesh, place_pipeline, resolve_backend
+from stagediff.backends import default_mesh, free_device_bytes, place_pipeline, resolve_backend
+from stagediff.decoding import choose_tile, place_decoder, set_tiling, tiles_used, vae_input_shape
 from stagediff.errors import CorruptArtifact, StagediffError
 from stagediff.media import CorruptMedia, media_bytes, verified_media_metadata
 from stagediff.plan import Item, Plan
@@ -56,6 +59,10 @@ torch (`init_empty_weights` swaps `nn.Module.register_parameter`, `no_init_weigh
 functions), so two loads at once in two threads leave torch patched for everything built later."""
 
 
+_COMPUTED_COMPONENT = {DENOISE: lambda family: family.denoiser_component, DECODE: lambda family: "vae"}
+"""The component whose weights size the default mesh of a stage on the accelerator."""
+
+
 def _components_of(plan: Plan, stage: str) -> tuple[str, ...]:
     family = plan.family
     return {ENCODE: family.encode_components, DENOISE: family.denoise_components, DECODE: family.decode_components}[stage]
@@ -64,8 +71,6 @@ def _components_of(plan: Plan, stage: str) -> tuple[str, ...]:
 def stage_backend(plan: Plan, stage: str) -> str:
     """Where a stage computes: encode with torch on the CPU, the others as the request's backend says."""
     if stage == ENCODE:
-        return "torch"
-    if stage == DECODE:
         return "torch"
     return resolve_backend(plan.request.backend)
 
@@ -80,8 +85,9 @@ def _stage_pipeline(plan: Plan, stage: str) -> tuple[_Loaded, float]:
     backend = stage_backend(plan, stage)
     components = _components_of(plan, stage)
     mesh = plan.request.mesh
-    if stage == DENOISE and mesh is None:
-        mesh = default_mesh(backend, plan.request.batch_size, plan.model.folder / plan.family.denoiser_component)
+    if stage in _COMPUTED_COMPONENT and mesh is None:
+        weights = plan.model.folder / _COMPUTED_COMPONENT[stage](plan.family)
+        mesh = default_mesh(backend, plan.request.batch_size, weights)
     # The fingerprint, not the folder: a checkpoint rewritten in place is loaded again.
     key = (str(plan.model.folder), plan.model.fingerprint(components), plan.settings.dtype, backend, mesh)
     loaded = _loaded.get(stage)
@@ -98,7 +104,8 @@ def _stage_pipeline(plan: Plan, stage: str) -> tuple[_Loaded, float]:
             mesh=mesh, family=plan.family.name,
         )
     elif stage == DECODE:
-        pipe = place_pipeline(pipe, "torch", None)
+        pipe = place_decoder(pipe, backend, plan.family.vae_dtype(pipe.vae), on_compile=compile_seconds.append,
+                             mesh=mesh)
     loaded = _Loaded(key, pipe, compile_seconds)
     _loaded[stage] = loaded
     return loaded, time.perf_counter() - start
@@ -185,8 +192,7 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
     _remove_leftovers(store, [item.latents_path for item in pending])
     with _stage_locks[DENOISE]:
         loaded, result.load_seconds = _stage_pipeline(plan, DENOISE)
-        compiles_before = len(loaded.compile_seconds)
-        hits_before = compile_cache.stats.hits
+        counting = _count_compiles(loaded, result)
         progress.stage_started(DENOISE, len(pending))
         batch_size = plan.request.batch_size
         for first in range(0, len(pending), batch_size):
@@ -209,15 +215,14 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
             seconds = (time.perf_counter() - start) / len(batch)
             result.item_seconds.extend([seconds] * len(batch))
         progress.stage_finished(DENOISE)
-        result.compile_seconds = sum(loaded.compile_seconds[compiles_before:])
-        result.compiles = len(loaded.compile_seconds) - compiles_before
-        result.compile_cache_hits = compile_cache.stats.hits - hits_before
+        counting()
     result.computed = len(pending)
     return result
 
 
 def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
-    """Write one media file (PNG or MP4) per (prompt, seed) that lacks a valid one."""
+    """Write one media file (PNG or MP4) per (prompt, seed) that lacks a valid one, `batch_size` items
+    per call, in tiles when `--vae-tiling` asks or the device's memory needs them."""
     progress = progress or Progress()
     store = plan.store
     items = plan.items
@@ -229,20 +234,54 @@ def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
     _remove_leftovers(store, [item.media_path for item in pending])
     with _stage_locks[DECODE]:
         loaded, result.load_seconds = _stage_pipeline(plan, DECODE)
+        counting = _count_compiles(loaded, result)
         progress.stage_started(DECODE, len(pending))
-        for item in pending:
+        vae = loaded.pipe.vae
+        batch_size = plan.request.batch_size
+        for first in range(0, len(pending), batch_size):
+            batch = pending[first : first + batch_size]
             start = time.perf_counter()
-            latents = _read_latents(plan, item)
-            metadata = {**media_metadata(plan, item), LATENTS_CHECKSUM: latents.metadata[CHECKSUM_METADATA]}
+            latents = [_read_latents(plan, item) for item in batch]
+            shape = vae_input_shape(vae, len(batch), plan.settings)
+            tile = choose_tile(vae, shape, plan.settings.vae_tiling, free_device_bytes(stage_backend(plan, DECODE)))
+            set_tiling(vae, tile)
+            tiling = {"vae_tile": tile} if tiles_used(vae, shape, tile) else {}
             with torch.no_grad():
-                frames = plan.family.decode(loaded.pipe, latents.tensors["latents"], plan.settings)
-                data = media_bytes(extension, frames, plan.settings.fps, metadata)
-            uri = store.write_bytes(item.media_path, data, {"latents-checksum": metadata[LATENTS_CHECKSUM]})
-            result.item_seconds.append(time.perf_counter() - start)
-            progress.item_done(DECODE, uri)
+                chunks = plan.family.decode(loaded.pipe, torch.cat([a.tensors["latents"] for a in latents]), plan.settings)
+                for item, artifact, frames in zip(batch, latents, _per_item(chunks, len(batch))):
+                    checksum = artifact.metadata[CHECKSUM_METADATA]
+                    metadata = {**media_metadata(plan, item), LATENTS_CHECKSUM: checksum, **tiling}
+                    data = media_bytes(extension, frames, plan.settings.fps, metadata)
+                    uri = store.write_bytes(item.media_path, data, {"latents-checksum": checksum})
+                    progress.item_done(DECODE, uri)
+            seconds = (time.perf_counter() - start) / len(batch)
+            result.item_seconds.extend([seconds] * len(batch))
         progress.stage_finished(DECODE)
+        counting()
     result.computed = len(pending)
     return result
+
+
+def _per_item(chunks: Iterator[np.ndarray], batch: int) -> list[Iterable[np.ndarray]]:
+    """Split decoded chunks `[B, f, H, W, 3]` into each item's chunks `[f, H, W, 3]`: streamed for one
+    item (a video goes to its encoder frame by frame), gathered for a batch."""
+    if batch == 1:
+        return [(chunk[0] for chunk in chunks)]
+    gathered = list(chunks)
+    return [[chunk[index] for chunk in gathered] for index in range(batch)]
+
+
+def _count_compiles(loaded: _Loaded, result: StageResult):
+    """Start counting the compilations of a stage call; the returned function writes them to `result`."""
+    compiles_before = len(loaded.compile_seconds)
+    hits_before = compile_cache.stats.hits
+
+    def finish() -> None:
+        result.compile_seconds = sum(loaded.compile_seconds[compiles_before:])
+        result.compiles = len(loaded.compile_seconds) - compiles_before
+        result.compile_cache_hits = compile_cache.stats.hits - hits_before
+
+    return finish
 
 
 def _remove_leftovers(store, paths: list[str]) -> None:

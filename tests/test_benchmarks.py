@@ -67,3 +67,17 @@ def test_cpu_scaling_section_splits_the_items_over_one_process_per_core(tmp_path
     assert len(list((tmp_path / "stores" / "scaling-sdxl").glob("share-*"))) == min(os.cpu_count(), 3)
     table = bench.markdown({"date": "d", "machine": "m", "cpu_scaling": [row]})
     assert "## 7." in table and "| sdxl | sdxl (tiny) | 3 | 64×64 |" in table
+
+
+def test_decode_section_compares_torchax_with_torch_and_reuses_the_compile_cache(tmp_path, monkeypatch):
+    """Section 8 (`--decode`) backends row here with the tiny model: the same latents decoded by both
+    backends, torchax compiled in a first process and loaded from its cache in a second, and its table."""
+    monkeypatch.setattr(bench, "WORK", tmp_path)
+    row = bench.decode_backends("sdxl", bench.QUICK["sdxl"], items=2)
+
+    assert row["max_pixel_diff"] <= 2 and row["programs"] == 1
+    assert row["torch_s_per_item"] > 0 and row["torchax_s_per_item"] > 0 and row["cold_compile_s"] > 0
+    assert row["cache_hits"] > 0
+    table = bench.markdown({"date": "d", "machine": "m",
+                            "decode": {"backends": [row], "wan_programs": [], "tiled_memory": []}})
+    assert "## 8." in table and "| sdxl | sdxl (tiny) | 64×64 |" in table

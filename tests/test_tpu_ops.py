@@ -14,6 +14,7 @@ import torch
 
 from helpers import run_all_stages, stored_item
 from reference import relative_error
+from stagediff import stages
 from stagediff.errors import StagediffError
 from stagediff.plan import make_plan
 from stagediff.request import Request
@@ -36,8 +37,9 @@ def test_sharded_denoise_equals_single_device(eight_devices, tiny_models, tmp_pa
                 **FAMILY_SIZES[family])
     single = Request(**base, store=str(tmp_path / "single"))
     sharded = Request(**base, store=str(tmp_path / "sharded"), mesh=mesh)
-    run_all_stages(single)
-    run_all_stages(sharded)
+    for request in (single, sharded):  # decode on a mesh: tests/test_decode.py
+        stages.encode(make_plan(request))
+        stages.denoise(make_plan(request))
     for seed in (0, 1):
         expected, _ = stored_item(single, "a red cat", seed)
         actual, _ = stored_item(sharded, "a red cat", seed)
@@ -109,6 +111,7 @@ def test_mesh_needs_the_torchax_backend_before_any_artifact(tiny_sdxl, tmp_path)
 
 
 def test_a_second_process_compiles_from_the_persistent_cache(tiny_sdxl, tmp_path):
+    """Denoise and decode of a new process (another seed, same shapes) compile from the cache."""
     script = textwrap.dedent(
         f"""
         import json
@@ -121,9 +124,9 @@ def test_a_second_process_compiles_from_the_persistent_cache(tiny_sdxl, tmp_path
                           store={str(tmp_path / "store")!r}, backend="torchax")
         plan = make_plan(request)
         stages.encode(plan)
-        result = stages.denoise(plan)
-        print(json.dumps({{"compiles": result.compiles, "hits": result.compile_cache_hits,
-                           "misses": compile_cache.stats.misses, "seconds": result.compile_seconds}}))
+        results = {{"denoise": stages.denoise(plan), "decode": stages.decode(plan)}}
+        print(json.dumps({{name: {{"compiles": result.compiles, "hits": result.compile_cache_hits}}
+                           for name, result in results.items()}} | {{"misses": compile_cache.stats.misses}}))
         """
     )
     env = {**os.environ, "STAGEDIFF_COMPILE_CACHE": str(tmp_path / "cache"), "XLA_FLAGS": ""}
@@ -132,9 +135,11 @@ def test_a_second_process_compiles_from_the_persistent_cache(tiny_sdxl, tmp_path
                                   check=True).stdout.strip().splitlines()[-1])
         for seed in (0, 1)
     ]
-    assert runs[0]["compiles"] == runs[1]["compiles"] == 1
-    assert runs[0]["hits"] == 0 and runs[0]["misses"] > 0
-    assert runs[1]["hits"] > 0
+    for stage in ("denoise", "decode"):
+        assert runs[0][stage]["compiles"] == runs[1][stage]["compiles"] == 1
+        assert runs[0][stage]["hits"] == 0
+        assert runs[1][stage]["hits"] > 0
+    assert runs[0]["misses"] > 0
     assert any((tmp_path / "cache").iterdir())
 
 
@@ -249,3 +254,41 @@ def test_torchax_models_run_the_flash_kernel_and_equal_torch(eight_devices, tiny
     assert result["kernel_calls"] > 0
     assert "('dp', None, ('tp',))" in result["layouts"], result
     assert all(error < 1e-3 for error in result["errors"].values()), result
+
+
+def test_a_flash_kernel_that_fails_to_compile_falls_back_to_xla_attention(monkeypatch, caplog):
+    """Mosaic errors only show on a real TPU: whatever the kernel raises while compiling, the module
+    logs it once and runs with plain attention, equal to torch."""
+    import logging
+
+    import tpu_ops.attention as attention
+
+    class SelfAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    attempts = []
+
+    def failing_kernel(*args, **kwargs):
+        attempts.append(1)
+        raise RuntimeError("Mosaic failed to compile TPU kernel: unsupported block shape")
+
+    monkeypatch.setenv(attention.ATTENTION_VARIABLE, "flash-interpret")
+    monkeypatch.setattr(attention, "flash_attention", failing_kernel)
+    module = SelfAttention()
+    inputs = [torch.randn(1, 12, 16), torch.randn(2, 20, 16)]
+    with torch.no_grad():
+        expected = [module(x) for x in inputs]
+    compiled = CompiledModule(module)
+    with caplog.at_level(logging.WARNING, logger="tpu_ops"):
+        outputs = [compiled(x) for x in inputs]
+    for output, reference in zip(outputs, expected):
+        assert torch.allclose(output, reference, atol=1e-5)
+    assert len(attempts) == 1  # the second shape compiled without trying the kernel again
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "using XLA attention" in warnings[0] and "Mosaic failed" in warnings[0]

@@ -36,7 +36,7 @@ def decoded_frames(request: Request, seed: int) -> np.ndarray:
     latents, _ = stored_item(request, request.prompts[0], seed)
     stages.decode(plan)  # loads the decode pipeline
     pipe = stages._loaded[stages.DECODE].pipe
-    return np.concatenate(list(plan.family.decode(pipe, latents, plan.settings)))
+    return np.concatenate([chunk[0] for chunk in plan.family.decode(pipe, latents, plan.settings)])
 
 
 def luma_psnr(a: np.ndarray, b: np.ndarray) -> float:

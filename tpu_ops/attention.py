@@ -199,11 +199,13 @@ def attention_mode() -> str:
 
 @dataclass(frozen=True)
 class AttentionPlacement:
-    """What the flash kernel needs to know about the model being traced: its mesh and settings."""
+    """What the flash kernel needs to know about the model being traced: its mesh and settings, and
+    whether to use it at all (False after it failed to compile: plain attention then)."""
 
     mesh: object = None
     config: AttentionConfig = AttentionConfig()
     interpret: bool = False
+    kernel: bool = True
 
 
 _placement: contextvars.ContextVar[AttentionPlacement] = contextvars.ContextVar("attention_placement")
@@ -227,7 +229,8 @@ def install_flash_attention(env) -> None:
     from torchax.interop import call_jax
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        plain = attn_mask is not None or dropout_p or is_causal or enable_gqa
+        placement = _placement.get(AttentionPlacement())
+        plain = attn_mask is not None or dropout_p or is_causal or enable_gqa or not placement.kernel
         if plain or (scale is not None and not math.isclose(scale, 1 / math.sqrt(query.shape[-1]))):
             logits = query @ key.transpose(-2, -1) * (scale or 1 / math.sqrt(query.shape[-1]))
             if attn_mask is not None:
@@ -236,7 +239,6 @@ def install_flash_attention(env) -> None:
                 causal = torch.ones(logits.shape[-2:], dtype=torch.bool).tril()
                 logits = logits.masked_fill(~causal, MASKED)
             return torch.softmax(logits, dim=-1) @ value
-        placement = _placement.get(AttentionPlacement())
         kernel = functools.partial(sharded_flash_attention, mesh=placement.mesh, config=placement.config,
                                    interpret=placement.interpret)
         return call_jax(kernel, query, key, value)

@@ -2,12 +2,18 @@
 
 `CompiledModule` stands in for the module inside a diffusers pipeline: it has the module's
 attributes (config, dtype, ...) and call signature, takes and returns ordinary torch tensors, and
-compiles its forward once per input signature (shapes, dtypes and non-tensor arguments).
+compiles its forward once per input signature (shapes, dtypes and the values of non-tensor
+arguments). Arguments and results may be nested lists, tuples and dicts mixing tensors with other
+values (None, strings, numbers): the tensors are the program's inputs and outputs, the rest is fixed
+per compiled program.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -17,16 +23,91 @@ import torch.utils._pytree as pytree
 
 from tpu_ops.attention import AttentionConfig, AttentionPlacement, attention_mode, install_flash_attention, placed_attention
 
-
-def _is_tensor_tree(value) -> bool:
-    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+log = logging.getLogger(__name__)
 
 
-def _signature(value):
-    """A hashable description of one argument: shapes and dtypes of tensors, values of the rest."""
-    leaves, spec = pytree.tree_flatten(value)
-    described = tuple((tuple(leaf.shape), str(leaf.dtype)) if isinstance(leaf, torch.Tensor) else repr(leaf) for leaf in leaves)
-    return (str(spec), described)
+class _TensorSlot:
+    """Where a tensor sits among the fixed values of a flattened argument tree."""
+
+    def __repr__(self):
+        return "<tensor>"
+
+
+TENSOR = _TensorSlot()
+
+
+@dataclasses.dataclass(frozen=True)
+class Flattened:
+    """A tree of tensors and other values, split into its tensors and what is fixed about it."""
+
+    tensors: list
+    spec: pytree.TreeSpec
+    fixed: tuple
+    """The non-tensor leaves in order, `TENSOR` where a tensor goes."""
+
+    @classmethod
+    def of(cls, tree) -> "Flattened":
+        leaves, spec = pytree.tree_flatten(tree)
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        return cls(tensors, spec, tuple(TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves))
+
+    @property
+    def program_key(self) -> tuple:
+        """What selects the traced program: the tree's layout and its fixed values (by repr: they may
+        be unhashable, e.g. FLUX.1's `joint_attention_kwargs={}`)."""
+        return (str(self.spec), repr(self.fixed))
+
+    @property
+    def signature(self) -> tuple:
+        """The program key plus the tensors' shapes and dtypes: one compilation each."""
+        return self.program_key + (_shapes(self.tensors),)
+
+    def rebuild(self, tensors) -> object:
+        tensors = iter(tensors)
+        return pytree.tree_unflatten([next(tensors) if leaf is TENSOR else leaf for leaf in self.fixed], self.spec)
+
+
+def _shapes(tensors) -> tuple:
+    return tuple((tuple(t.shape), str(t.dtype)) for t in tensors)
+
+
+def traceable_forward(jittable, inputs: Flattened, layouts: dict) -> Callable:
+    """`f(params, buffers, tensors) -> output tensors` running the module on `inputs`' layout with
+    `tensors` in the tensor slots. A jitted program returns only arrays: the layout and fixed values
+    of its result are stored in `layouts`, by the input tensors' shapes (their dtypes may narrow in
+    JAX: int64 becomes int32), when it is traced."""
+
+    def forward(module, tensors):
+        args, kwargs = inputs.rebuild(tensors)
+        result = Flattened.of(module(*args, **kwargs))
+        layouts[tuple(tuple(t.shape) for t in tensors)] = result
+        return result.tensors
+
+    return functools.partial(jittable.functional_call, forward)
+
+
+def input_spec(shape: tuple[int, ...], mesh) -> tuple:
+    """An input's partition spec on `mesh`: batch on `dp` where it divides, everything else replicated.
+    Explicit input shardings keep XLA from guessing (unsharded torchax inputs made reference steps ~10x
+    slower)."""
+    dp = dict(mesh.shape).get("dp", 1)
+    return ("dp",) if shape and dp > 1 and shape[0] % dp == 0 else ()
+
+
+def image_input_spec(shape: tuple[int, ...], mesh) -> tuple:
+    """For convolutional networks on images and videos (`[B, C, (T,) H, W]`): batch on `dp` where it
+    divides, and the rows (or, where they do not divide, the columns) over every other axis, so that one
+    large item keeps every device busy: XLA partitions the convolutions, exchanging the pixels at the
+    shard edges. Other inputs as `input_spec`."""
+    spec = list(input_spec(shape, mesh)) + [None] * (len(shape) - len(input_spec(shape, mesh)))
+    axes = tuple(axis for axis, size in dict(mesh.shape).items() if size > 1 and axis not in spec)
+    shards = math.prod(dict(mesh.shape)[axis] for axis in axes)
+    if len(shape) >= 4 and axes:
+        for dim in (-2, -1):
+            if shape[dim] % shards == 0:
+                spec[dim] = axes
+                break
+    return tuple(spec)
 
 
 class CompiledModule:
@@ -39,29 +120,35 @@ class CompiledModule:
         mesh=None,
         rules: list | None = None,
         attention: AttentionConfig = AttentionConfig(),
+        input_layout: Callable[[tuple, object], tuple] = input_spec,
     ):
-        """`mesh` (a jax Mesh) and `rules` (a sharding rule table) shard the weights over the devices;
-        without a mesh the module runs on the JAX default device. `attention` sets the flash kernel's
-        blocks when `STAGEDIFF_ATTENTION` selects it (the default on TPU)."""
+        """`mesh` (a jax Mesh) and `rules` (a sharding rule table) shard the weights over the devices,
+        and `input_layout(shape, mesh)` gives each input tensor's partition spec; without a mesh the
+        module runs on the JAX default device. `attention` sets the flash kernel's blocks when
+        `STAGEDIFF_ATTENTION` selects it (the default on TPU)."""
         import torchax
 
+        from tpu_ops import torchax_fixes
         from tpu_ops.compile_cache import enable_compile_cache
 
         enable_compile_cache()
+        torchax_fixes.apply()
         self.env = torchax.default_env()
         mode = attention_mode()
         if mode.startswith("flash"):
             install_flash_attention(self.env)
-        self.attention = AttentionPlacement(mesh, attention, interpret=mode == "flash-interpret")
+        self.attention = AttentionPlacement(mesh, attention, interpret=mode == "flash-interpret",
+                                            kernel=mode.startswith("flash"))
         self.module = module.eval()
         self.mesh = mesh
+        self.input_layout = input_layout
         with self.env:
             self.module.to("jax")
         self.jittable = torchax.interop.JittableModule(self.module)
         if mesh is not None:
             self._shard_weights(rules or [])
         self.compiled_signatures: set = set()
-        self._jitted: dict = {}
+        self._programs: dict = {}
         self._on_compile = on_compile
         self._lock = threading.Lock()
 
@@ -75,22 +162,48 @@ class CompiledModule:
         return len(self.compiled_signatures)
 
     def __call__(self, *args, **kwargs):
-        tensor_kwargs = {k: v for k, v in kwargs.items() if _is_tensor_tree(v)}
-        static_kwargs = tuple(sorted((k, v) for k, v in kwargs.items() if k not in tensor_kwargs))
-        for arg in args:
-            if not _is_tensor_tree(arg):
-                raise TypeError("CompiledModule takes tensors as positional arguments; pass other values by keyword")
-        signature = (_signature(args), _signature(tensor_kwargs), repr(static_kwargs))
-        jitted = self._jitted_for(static_kwargs, tuple(sorted(tensor_kwargs)))
+        return self._call(args, kwargs, to_host=True)
+
+    def call_on_device(self, *args, **kwargs):
+        """Call the module, leaving the result's tensors on the JAX device(s) as torchax tensors: state
+        that only feeds the next call (a decoder's feature cache) never travels to the host. The first
+        call of a signature reports its tracing and compilation, not its (asynchronous) execution."""
+        return self._call(args, kwargs, to_host=False)
+
+    def _call(self, args: tuple, kwargs: dict, to_host: bool):
+        inputs = Flattened.of((args, kwargs))
+        first = inputs.signature not in self.compiled_signatures
         start = time.perf_counter()
-        with self.env, placed_attention(self.attention):
-            inputs = self.env.to_xla((args, tensor_kwargs))
-            if self.mesh is not None:
-                inputs = pytree.tree_map(self._place_input, inputs)
-            outputs = jitted(self.jittable.params, self.jittable.buffers, *inputs)
-            result = pytree.tree_map(_to_torch, outputs)
-        self._record(signature, time.perf_counter() - start)
+        try:
+            result = self._run(inputs)
+        except Exception as error:
+            if not (first and self.attention.kernel):
+                raise
+            self._fall_back_to_xla_attention(error)
+            result = self._run(inputs)
+        if to_host:
+            result = pytree.tree_map(to_torch, result)
+        self._record(inputs.signature, time.perf_counter() - start)
         return result
+
+    def _run(self, inputs: Flattened):
+        jitted, layouts = self._program_for(inputs)
+        with self.env, placed_attention(self.attention):
+            tensors = self.env.to_xla(inputs.tensors)
+            if self.mesh is not None:
+                tensors = [self._place_input(tensor) for tensor in tensors]
+            results = jitted(self.jittable.params, self.jittable.buffers, tensors)
+        return layouts[tuple(tuple(t.shape) for t in inputs.tensors)].rebuild(results)
+
+    def _fall_back_to_xla_attention(self, error: Exception) -> None:
+        """A flash kernel that does not compile here (a Mosaic or XLA:TPU error only a real TPU
+        raises) must not fail the batch: log it once and trace again with plain XLA attention."""
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        log.warning("flash attention failed to compile for %s (%s: %s); using XLA attention instead",
+                    type(self.module).__name__, type(error).__name__, first_line[:300])
+        self.attention = dataclasses.replace(self.attention, kernel=False)
+        with self._lock:
+            self._programs.clear()
 
     def _shard_weights(self, rules: list) -> None:
         from tpu_ops.sharding import partition_specs
@@ -109,28 +222,17 @@ class CompiledModule:
         return torch_view(jax.device_put(jax_view(tensor), sharding))
 
     def _place_input(self, value):
-        """Batch on `dp` where it divides, everything else replicated: explicit input shardings keep
-        XLA from guessing (unsharded torchax inputs made reference steps ~10x slower)."""
-        import torchax.tensor
+        return self._put(value, self.input_layout(tuple(value.shape), self.mesh))
 
-        if not isinstance(value, torchax.tensor.Tensor):
-            return value
-        dp = dict(self.mesh.shape).get("dp", 1)
-        batched = value.ndim > 0 and dp > 1 and value.shape[0] % dp == 0
-        return self._put(value, ("dp",) if batched else ())
-
-    def _jitted_for(self, static_kwargs: tuple, tensor_names: tuple) -> Callable:
-        # By repr: static values may be unhashable (FLUX.1 passes `joint_attention_kwargs={}`).
-        key = (repr(static_kwargs), tensor_names)
+    def _program_for(self, inputs: Flattened) -> tuple[Callable, dict]:
         with self._lock:
-            if key not in self._jitted:
+            if inputs.program_key not in self._programs:
                 import torchax
 
-                def forward(module, args, tensor_kwargs):
-                    return module(*args, **tensor_kwargs, **dict(static_kwargs))
-
-                self._jitted[key] = torchax.interop.jax_jit(functools.partial(self.jittable.functional_call, forward))
-            return self._jitted[key]
+                layouts: dict = {}
+                jitted = torchax.interop.jax_jit(traceable_forward(self.jittable, inputs, layouts))
+                self._programs[inputs.program_key] = (jitted, layouts)
+            return self._programs[inputs.program_key]
 
     def _record(self, signature, seconds: float) -> None:
         with self._lock:
@@ -141,7 +243,7 @@ class CompiledModule:
             self._on_compile(seconds)
 
 
-def _to_torch(value):
+def to_torch(value):
     """Bring a torchax tensor back as an ordinary CPU torch tensor; leave anything else alone."""
     import torchax.tensor
 

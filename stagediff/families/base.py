@@ -36,6 +36,8 @@ class Settings:
     frames: int | None = None
     fps: int | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    vae_tiling: bool = False
+    """Decode in tiles even when one piece would fit the device."""
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -101,8 +103,10 @@ class FamilyAdapter(ABC):
         }
 
     def decode_settings(self, settings: Settings) -> dict:
-        """Settings that change the media bytes (besides the latents)."""
-        return {"format": self.media_extension, "fps": settings.fps}
+        """Settings that change the media bytes (besides the latents). Tiling chosen for memory is
+        left out: it depends on the decoding device, and the media records it."""
+        tiling = {"vae_tiling": True} if settings.vae_tiling else {}
+        return {"format": self.media_extension, "fps": settings.fps, **tiling}
 
     @abstractmethod
     def encode(self, pipe, prompt: str, negative_prompt: str | None, settings: Settings) -> dict[str, torch.Tensor]:
@@ -143,10 +147,14 @@ class FamilyAdapter(ABC):
         )
         return getattr(output, self.latents_field)
 
+    def vae_dtype(self, vae) -> torch.dtype:
+        """The dtype the pipeline decodes in (the VAE's own by default)."""
+        return vae.dtype
+
     @abstractmethod
     def decode(self, pipe, latents: torch.Tensor, settings: Settings) -> Iterator[np.ndarray]:
-        """Decode latents of one item (batch 1) to uint8 frames, yielded in chunks `[f, H, W, 3]`
-        as they are decoded (one chunk of one frame for images)."""
+        """Decode latents of a batch of items `[B, ...]` to uint8 frames, yielded in chunks
+        `[B, f, H, W, 3]` as they are decoded (one chunk of one frame for images)."""
 
 
 def batch_on_device(pipe, embeddings: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -171,3 +179,16 @@ def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
     images = (images / 2 + 0.5).clamp(0, 1)
     array = images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
     return (array * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def decode_images(vae, latents: torch.Tensor) -> np.ndarray:
+    """The VAE's decode of image latents as one chunk of uint8 frames `[B, 1, H, W, 3]`."""
+    return to_uint8_frames(vae.decode(latents, return_dict=False)[0])[:, None]
+
+
+def to_uint8_videos(videos: torch.Tensor) -> np.ndarray:
+    """Decoded videos `[B, C, f, H, W]` in [-1, 1] → uint8 `[B, f, H, W, C]`."""
+    batch, channels, frames, height, width = videos.shape
+    images = videos.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+    return to_uint8_frames(images).reshape(batch, frames, height, width, channels)

@@ -8,7 +8,7 @@ from abc import abstractmethod
 
 import torch
 
-from stagediff.families.base import FamilyAdapter, Settings, to_uint8_frames
+from stagediff.families.base import FamilyAdapter, Settings, decode_images
 
 DEFAULT_SAMPLE_SIZE = 128
 """The pipelines' `default_sample_size`, in latent pixels: 1024 image pixels with a VAE factor of 8."""
@@ -58,6 +58,4 @@ class FluxFamily(FamilyAdapter):
     def decode(self, pipe, latents, settings):
         vae = pipe.vae
         latents = self.latents_for_vae(pipe, latents, settings).to(vae.device, vae.dtype)
-        with torch.no_grad():
-            images = vae.decode(latents, return_dict=False)[0]
-        yield to_uint8_frames(images)
+        yield decode_images(vae, latents)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stagediff.families.base import FamilyAdapter, Settings, to_uint8_frames
+from stagediff.families.base import FamilyAdapter, Settings, decode_images
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 5.0
@@ -45,11 +45,12 @@ class SDXL(FamilyAdapter):
             "negative_pooled_prompt_embeds": negative_pooled,
         }
 
+    def vae_dtype(self, vae):
+        # The pipeline decodes fp16 VAEs in float32 (they overflow): same rule here.
+        return torch.float32 if vae.dtype == torch.float16 and vae.config.force_upcast else vae.dtype
+
     def decode(self, pipe, latents, settings):
         vae = pipe.vae
-        # The pipeline decodes fp16 VAEs in float32 (they overflow): same rule here.
-        if vae.dtype == torch.float16 and vae.config.force_upcast:
-            vae = vae.to(torch.float32)
         latents = latents.to(vae.device, vae.dtype)
         mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
         if mean is not None and std is not None:
@@ -58,6 +59,4 @@ class SDXL(FamilyAdapter):
             latents = latents * std / vae.config.scaling_factor + mean
         else:
             latents = latents / vae.config.scaling_factor
-        with torch.no_grad():
-            images = vae.decode(latents, return_dict=False)[0]
-        yield to_uint8_frames(images)
+        yield decode_images(vae, latents)

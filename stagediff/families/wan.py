@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from stagediff.errors import StagediffError
-from stagediff.families.base import FamilyAdapter, Settings, batch_on_device, to_uint8_frames
+from stagediff.families.base import FamilyAdapter, Settings, batch_on_device, to_uint8_videos
 
 DEFAULTS = {"steps": 50, "guidance": 5.0, "height": 480, "width": 832, "frames": 81, "fps": 16}
 """WanPipeline's call defaults (480p, 81 frames) and Wan's native 16 frames per second."""
@@ -113,12 +113,16 @@ class Wan(FamilyAdapter):
     @torch.no_grad()
     def decode(self, pipe, latents, settings):
         """Yield frames as the causal VAE decodes them: 1 for the first latent frame, then 4 per latent
-        frame (the loop of AutoencoderKLWan._decode, kept streaming instead of concatenating)."""
+        frame (the loop of AutoencoderKLWan._decode, kept streaming instead of concatenating). A
+        tiled decode goes through the VAE's own `decode`, which yields every frame at once."""
         vae = pipe.vae
         latents = latents.to(vae.device, vae.dtype)
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
         latents = latents * std + mean
+        if vae.use_tiling:
+            yield to_uint8_videos(vae.decode(latents, return_dict=False)[0])
+            return
         vae.clear_cache()
         x = vae.post_quant_conv(latents)
         try:
@@ -131,8 +135,6 @@ class Wan(FamilyAdapter):
                     from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
                     frames = unpatchify(frames, patch_size=vae.config.patch_size)
-                frames = frames.clamp(-1.0, 1.0)
-                # [1, C, f, H, W] -> f images [f, C, H, W]
-                yield to_uint8_frames(frames[0].permute(1, 0, 2, 3))
+                yield to_uint8_videos(frames.clamp(-1.0, 1.0))
         finally:
             vae.clear_cache()

@@ -66,6 +66,26 @@ def denoiser(scale: str, guidance_embeds: bool = True):
     )
 
 
+def autoencoder(scale: str):
+    """The random-init AutoencoderKL of `scale` (on the current default device; `full`: FLUX.1's VAE)."""
+    from diffusers import AutoencoderKL
+
+    parts = PARTS[scale]
+    # Four blocks: the VAE factor of 8 that the pipeline also assumes when its VAE is not loaded.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=parts["latent_channels"],
+        **parts["vae"],
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
 def text_encoders(scale: str, t5_tokenizer, seed: int = 0) -> tuple:
     """The random-init CLIP and T5 encoders of `scale` (on the current default device)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -80,9 +100,8 @@ def text_encoders(scale: str, t5_tokenizer, seed: int = 0) -> tuple:
 
 
 def _build(folder: Path, seed: int, scale: str, guidance_embeds: bool) -> Path:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    parts = PARTS[scale]
     torch.manual_seed(seed)
     transformer = denoiser(scale, guidance_embeds)
     # FLUX.1-dev shifts the schedule with the image size; schnell uses a fixed shift of 1.
@@ -95,19 +114,7 @@ def _build(folder: Path, seed: int, scale: str, guidance_embeds: bool) -> Path:
         max_shift=1.15,
     )
     torch.manual_seed(seed + 1)
-    # Four blocks: the VAE factor of 8 that the pipeline also assumes when its VAE is not loaded.
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=parts["latent_channels"],
-        **parts["vae"],
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = autoencoder(scale)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = save_clip_tokenizer(folder / "tokenizer")
     tokenizer_2 = save_t5_tokenizer(folder / "tokenizer_2")

@@ -24,6 +24,8 @@ TRANSFORMER_SCALES = {
                   axes_dims_rope=(16, 16, 16, 16)),
 }
 """Flux2Transformer2DModel sizes by scale (small: ~45M parameters)."""
+KLEIN_4B = dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680)
+"""FLUX.2-klein 4B's transformer where it differs from FLUX.2-dev's (Qwen3-4B: 3 × 2560 text features)."""
 
 
 def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
@@ -83,10 +85,29 @@ def _build_klein(folder: Path, seed: int, scale: str, is_distilled: bool) -> Pat
 
 def _image_components(seed: int, scale: str, guidance_embeds: bool) -> dict:
     """Transformer, scheduler and VAE shared by both FLUX.2 pipelines."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     torch.manual_seed(seed)
-    transformer = Flux2Transformer2DModel(
+    transformer = denoiser(scale, guidance_embeds)
+    torch.manual_seed(seed + 1)
+    vae = autoencoder(scale)
+    # A freshly initialised batch norm is the identity (mean 0, variance 1); give it statistics so the
+    # latent de-normalisation is visible in the numbers.
+    generator = torch.Generator().manual_seed(seed + 4)
+    vae.bn.running_mean.copy_(torch.randn(vae.bn.num_features, generator=generator) * 0.5)
+    vae.bn.running_var.copy_(torch.rand(vae.bn.num_features, generator=generator) + 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return {"transformer": transformer, "vae": vae, "scheduler": scheduler}
+
+
+def denoiser(scale: str, guidance_embeds: bool = True):
+    """The random-init Flux2Transformer2DModel of `scale` (on the current default device). `full` is
+    FLUX.2-dev's (diffusers' defaults) with guidance embeds, FLUX.2-klein 4B's without."""
+    from diffusers import Flux2Transformer2DModel
+
+    if scale == "full":
+        return Flux2Transformer2DModel(**({} if guidance_embeds else KLEIN_4B), guidance_embeds=guidance_embeds)
+    return Flux2Transformer2DModel(
         patch_size=1,
         in_channels=4 * LATENT_CHANNELS,
         joint_attention_dim=3 * TEXT_HIDDEN,
@@ -94,9 +115,17 @@ def _image_components(seed: int, scale: str, guidance_embeds: bool) -> dict:
         guidance_embeds=guidance_embeds,
         **TRANSFORMER_SCALES[scale],
     )
-    torch.manual_seed(seed + 1)
+
+
+def autoencoder(scale: str):
+    """The random-init AutoencoderKLFlux2 of `scale` (on the current default device; `full`: FLUX.2's VAE,
+    diffusers' defaults)."""
+    from diffusers import AutoencoderKLFlux2
+
+    if scale == "full":
+        return AutoencoderKLFlux2()
     # Four blocks: the VAE factor of 8 that the pipelines also assume when their VAE is not loaded.
-    vae = AutoencoderKLFlux2(
+    return AutoencoderKLFlux2(
         block_out_channels=(8, 16, 16, 16),
         in_channels=3,
         out_channels=3,
@@ -107,13 +136,6 @@ def _image_components(seed: int, scale: str, guidance_embeds: bool) -> dict:
         norm_num_groups=8,
         sample_size=32,
     )
-    # A freshly initialised batch norm is the identity (mean 0, variance 1); give it statistics so the
-    # latent de-normalisation is visible in the numbers.
-    generator = torch.Generator().manual_seed(seed + 4)
-    vae.bn.running_mean.copy_(torch.randn(vae.bn.num_features, generator=generator) * 0.5)
-    vae.bn.running_var.copy_(torch.rand(vae.bn.num_features, generator=generator) + 0.5)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    return {"transformer": transformer, "vae": vae, "scheduler": scheduler}
 
 
 def _mistral3_text_encoder(tokenizer):

@@ -64,6 +64,21 @@ def denoiser(scale: str):
     )
 
 
+def autoencoder(scale: str):
+    """The random-init AutoencoderKL of `scale` (on the current default device; `full`: SDXL's VAE)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        scaling_factor=0.13025,
+        **SCALES[scale]["vae"],
+    )
+
+
 def text_encoders(scale: str, seed: int = 0) -> tuple:
     """The random-init CLIP text encoders of `scale` (on the current default device); `full` ones have
     the real vocabulary size, which the small offline tokenizer's ids stay inside."""
@@ -79,8 +94,7 @@ def text_encoders(scale: str, seed: int = 0) -> tuple:
 
 def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
     """Write a random-init SDXL checkpoint of the given scale (diffusers layout) to `folder`."""
-    dims = SCALES[scale]
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
     unet = denoiser(scale)
@@ -94,15 +108,7 @@ def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
         prediction_type="epsilon",
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        scaling_factor=0.13025,
-        **dims["vae"],
-    )
+    vae = autoencoder(scale)
     text_encoder, text_encoder_2 = text_encoders(scale, seed)
 
     folder = Path(folder)

@@ -17,6 +17,8 @@ TRANSFORMER_SCALES = {
     "full": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, rope_max_seq_len=1024),
 }
 """WanTransformer3DModel sizes by scale (small: ~45M parameters; full: Wan 2.1 T2V 1.3B)."""
+WAN_14B = dict(num_attention_heads=40, ffn_dim=13824, num_layers=40)
+"""Wan 2.1 T2V 14B's transformer where it differs from 1.3B's."""
 SMALL_PARTS = {
     "umt5": dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4),
     "vae": dict(base_dim=3, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
@@ -35,8 +37,9 @@ PARTS = {
 """Text encoder and VAE by scale."""
 
 
-def denoiser(scale: str):
-    """The random-init WanTransformer3DModel of `scale` (on the current default device)."""
+def denoiser(scale: str, **changes):
+    """The random-init WanTransformer3DModel of `scale` (on the current default device), its config
+    changed by `changes` (`WAN_14B`: the 14B model)."""
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
@@ -47,8 +50,15 @@ def denoiser(scale: str):
         freq_dim=256,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        **TRANSFORMER_SCALES[scale],
+        **{**TRANSFORMER_SCALES[scale], **changes},
     )
+
+
+def autoencoder(scale: str):
+    """The random-init AutoencoderKLWan of `scale` (on the current default device; `full`: Wan 2.1's VAE)."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(z_dim=16, temperal_downsample=[False, True, True], **PARTS[scale]["vae"])
 
 
 def text_encoders(scale: str, tokenizer, seed: int = 0) -> tuple:
@@ -62,16 +72,15 @@ def text_encoders(scale: str, tokenizer, seed: int = 0) -> tuple:
 
 def build(folder: Path, seed: int = 0, scale: str = "tiny") -> Path:
     """Write a random-init Wan 2.1 T2V checkpoint (diffusers layout, model_index.json) to `folder`."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from diffusers import UniPCMultistepScheduler, WanPipeline
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = save_t5_tokenizer(folder / "tokenizer")
-    parts = PARTS[scale]
     torch.manual_seed(seed)
     transformer = denoiser(scale)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKLWan(z_dim=16, temperal_downsample=[False, True, True], **parts["vae"])
+    vae = autoencoder(scale)
     (text_encoder,) = text_encoders(scale, tokenizer, seed)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=FLOW_SHIFT, num_train_timesteps=1000
