@@ -1,4 +1,4 @@
-"""The `stagediff` command: generate, the three stages one at a time, and tiny models."""
+"""The `stagediff` command: generate, the three stages one at a time, cache calibration, and tiny models."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(generate)
     for stage in STAGE_COMMANDS:
         _add_generation_options(commands.add_parser(stage, help=f"run only the {stage} stage"))
+
+    calibrate = commands.add_parser("calibrate-cache", help="compute MagCache's magnitude ratios for a model "
+                                    "(stored in the store, found there by --cache magcache)")
+    _add_generation_options(calibrate)
 
     tiny = commands.add_parser("tiny-model", help="build a tiny random-init model of a family")
     tiny.add_argument("family", help="sdxl, flux1, flux1-schnell, flux2, flux2-klein, flux2-klein-base or wan")
@@ -72,6 +76,8 @@ def run(args) -> int:
         return 0
 
     request = request_from_options(vars(args))
+    if args.command == "calibrate-cache" and request.cache != "none":
+        raise StagediffError(f"calibrate-cache calibrates magcache and takes no --cache (got {request.cache})")
     from stagediff.plan import make_plan
 
     plan = make_plan(request)
@@ -83,6 +89,14 @@ def run(args) -> int:
         print(f"manifest: {manifest_uri}")
         for uri in [plan.store.uri_of(item.media_path) for item in plan.items]:
             print(uri)
+        return 0
+
+    if args.command == "calibrate-cache":
+        from stagediff.cache_calibration import calibrate_magcache
+
+        uri, ratios = calibrate_magcache(plan)
+        print("magcache ratios: " + ", ".join(f"{ratio:.5f}" for ratio in ratios))
+        print(uri)
         return 0
 
     from stagediff import stages

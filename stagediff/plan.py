@@ -9,6 +9,7 @@ from stagediff.errors import StagediffError
 from stagediff.families import FamilyAdapter, Settings
 from stagediff.models import Model, open_model
 from stagediff.request import Request
+from stagediff.step_cache import resolve_cache
 from stagediff.store import Store, content_key
 
 
@@ -71,7 +72,7 @@ def resolve_settings(request: Request, model: Model) -> Settings:
         if name not in defaults.extras:
             raise StagediffError(f"--{name.replace('_', '-')} is not an option of {family.name} models")
     extras = {**defaults.extras, **given}
-    settings = defaults.replace(dtype=request.dtype, extras=extras, **chosen)
+    settings = defaults.replace(dtype=request.dtype, extras=extras, cache=resolve_cache(request, model), **chosen)
     family.validate(settings, model.config_of)
     return settings
 

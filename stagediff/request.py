@@ -29,6 +29,8 @@ class Request:
     store: str = DEFAULT_STORE
     backend: str = "auto"
     batch_size: int = 1
+    cache: str = "none"
+    """Step caching, `METHOD[:VALUE][,NAME=VALUE...]` (see `stagediff.step_cache`); `none` denoises exactly."""
     mesh: str | None = None
     """Device mesh for the torchax backend, e.g. `dp=2,tp=4` (default: one device, or on a multi-chip
     TPU host `tpu_ops.mesh.default_mesh_spec`)."""
@@ -69,6 +71,9 @@ class Request:
                 parse_mesh_spec(self.mesh)
             except MeshError as error:
                 raise StagediffError(str(error)) from None
+        from stagediff.step_cache import parse_cache
+
+        parse_cache(self.cache)
         if self.backend not in BACKENDS:
             raise StagediffError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:

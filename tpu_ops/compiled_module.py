@@ -74,6 +74,14 @@ class CompiledModule:
         """How many distinct input signatures have been compiled so far."""
         return len(self.compiled_signatures)
 
+    @functools.cached_property
+    def regions(self):
+        """This module run region by region, each region a compiled program (`tpu_ops.regions`), so that host
+        code can decide between them; made on first use and kept."""
+        from tpu_ops.regions import RegionCompiledModule
+
+        return RegionCompiledModule(self)
+
     def __call__(self, *args, **kwargs):
         tensor_kwargs = {k: v for k, v in kwargs.items() if _is_tensor_tree(v)}
         static_kwargs = tuple(sorted((k, v) for k, v in kwargs.items() if k not in tensor_kwargs))
