@@ -1,7 +1,8 @@
 """`make bench`: stagediff against a plain diffusers loop, where the time goes, stage memory, compile
 reuse, orchestration overhead. Writes benchmarks/results/<date>-<host>.json and .md and prints the table.
 
-    python benchmarks/run.py [--quick | --gpu-only [--gpu-families sdxl,flux1,wan] | --real-memory | --cpu-scaling]
+    python benchmarks/run.py [--quick | --gpu-only [--gpu-families sdxl,flux1,wan] | --real-memory | --cpu-scaling
+                              | --step-cache]
 """
 
 from __future__ import annotations
@@ -79,6 +80,24 @@ GPU = {
                   "H100 with torch.compile"),
     "wan": Case("wan", "full", 50, 480, 832, 81, anchor="TPU v6e-8 reference: Wan 2.1 14B (10× the parameters) "
                 "480p 81 frames ≈ 1.26-1.37 s/step"),
+}
+
+# Section 8, step caching: one item per setting (each setting reruns the whole denoise loop) with enough
+# steps for the caches to act. These random-weight models change far more per step than trained ones (the
+# first block's residual by 40-50% for flux1, ~20% for wan, against a few % for trained models), so
+# fbcache's thresholds are set for them: each family's first skips some steps, its second most.
+STEP_CACHE = {
+    "flux1": Case("flux1", "small", 12, 128, 128),
+    "flux2-klein": Case("flux2-klein", "small", 12, 128, 128),
+    "wan": Case("wan", "small", 12, 64, 64, 9),
+}
+STEP_CACHE_SETTINGS = {
+    "flux1": ("fbcache:0.45", "fbcache:0.6", "magcache", "magcache:0.25", "taylorseer:3", "taylorseer",
+              "taylorseer-attention"),
+    # FLUX.2's First Block Cache fails inside diffusers 0.42 (stagediff refuses it).
+    "flux2-klein": ("magcache", "magcache:0.25", "taylorseer:3", "taylorseer", "taylorseer-attention"),
+    # TaylorSeer's attention caching finds no attention modules in Wan (stagediff refuses it).
+    "wan": ("fbcache:0.2", "fbcache:0.3", "magcache", "magcache:0.25", "taylorseer:3", "taylorseer"),
 }
 
 
@@ -217,6 +236,30 @@ def cpu_scaling(family: str, case: Case, items: int = 4) -> dict:
             "fan_out_ratio": together_seconds / apart_seconds, "max_pixel_diff": max(diffs)}
 
 
+def step_cache(family: str, case: Case, settings: tuple[str, ...]) -> list[dict]:
+    """Section 8: the denoise time and the pixels of each cache setting against the exact run (`none`) of the
+    same item, in one process."""
+    store = WORK / "stores" / f"step-cache-{family}"
+    shutil.rmtree(store, ignore_errors=True)
+    measured = run_workload("cached_denoise", {
+        "model": model_folder(case.model, case.scale), "prompts": PROMPTS[:1], "seeds": [0], "other_seed": 1000,
+        "store": str(store), "caches": ["none", *settings], **case.arguments()})
+    exact = measured["none"]
+    rows = []
+    for setting in settings:
+        cached = measured[setting]
+        ours = np.concatenate([read_frames(uri) for uri in cached["media"]]).astype(float)
+        theirs = np.concatenate([read_frames(uri) for uri in exact["media"]]).astype(float)
+        mse = float(np.mean((ours - theirs) ** 2))
+        rows.append({"family": family, "model": case.label(), "steps": case.steps, "size": case.size,
+                     "cache": setting, "exact_denoise_s": exact["denoise_seconds"], "denoise_s": cached["denoise_seconds"],
+                     "speedup": exact["denoise_seconds"] / cached["denoise_seconds"],
+                     "cpu_speedup": exact["denoise_cpu_seconds"] / cached["denoise_cpu_seconds"],
+                     "psnr_db": float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse),
+                     "mean_abs_error": float(np.mean(np.abs(ours - theirs)))})
+    return rows
+
+
 def compile_reuse() -> dict:
     base = {"model": model_folder("sdxl", "tiny"), "prompts": PROMPTS[:1], "seeds": [0],
             "store": str(WORK / "stores" / "compile"), **QUICK["sdxl"].arguments()}
@@ -331,6 +374,9 @@ def markdown(report: dict) -> str:
     if "cpu_scaling" in report:
         lines += ["", "## 7. CPU fan-out: one process on all cores vs one single-thread process per core", ""]
         lines += cpu_scaling_markdown(report["cpu_scaling"])
+    if "step_cache" in report:
+        lines += ["", "## 8. Step caching (`--cache`): denoise speed-up and pixels against the exact run", ""]
+        lines += step_cache_markdown(report["step_cache"])
     lines.append("")
     return "\n".join(lines)
 
@@ -377,6 +423,18 @@ def cpu_scaling_markdown(rows: list[dict]) -> list[str]:
                     f"{row['fan_out_ratio']:.2f}× | {row['max_pixel_diff']} |" for row in rows]
 
 
+def step_cache_markdown(rows: list[dict]) -> list[str]:
+    lines = ["Torch backend, float32, one item per setting, in one process after a warm-up. Speed-up: the exact "
+             "denoise's time over the cached one's, by wall clock and by the process's CPU time (steadier when "
+             "other work shares the machine). PSNR and mean absolute error in 8-bit levels against the exact image "
+             "(Wan: every frame of the MP4).", "",
+             "| family | model | steps | size | --cache | exact denoise s | cached denoise s | speed-up (wall) "
+             "| speed-up (CPU) | PSNR dB | mean abs error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    return lines + [f"| {row['family']} | {row['model']} | {row['steps']} | {row['size']} | `{row['cache']}` | "
+                    f"{row['exact_denoise_s']:.1f} | {row['denoise_s']:.1f} | {row['speedup']:.2f}× | "
+                    f"{row['cpu_speedup']:.2f}× | {row['psnr_db']:.1f} | {row['mean_abs_error']:.2f} |" for row in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, 2 prompts × 2 seeds, no pooled path")
@@ -390,6 +448,9 @@ def main() -> None:
     parser.add_argument("--cpu-scaling", action="store_true",
                         help="only section 7 (the small models, one process on all cores against one "
                              "single-thread process per core; about 2 minutes on 2 cores)")
+    parser.add_argument("--step-cache", action="store_true",
+                        help="only section 8 (the small models of flux1, flux2-klein and wan, each step-cache "
+                             "method at two settings against the exact run; about 15 minutes on 2 cores)")
     args = parser.parse_args()
     gpu_families = args.gpu_families.split(",")
     unknown = [family for family in gpu_families if family not in GPU]
@@ -409,16 +470,19 @@ def main() -> None:
         report["real_memory"] = [memory(family, case, "bfloat16") for family, case in REAL_MEMORY.items()]
     elif args.cpu_scaling:
         report["cpu_scaling"] = [cpu_scaling(family, case) for family, case in FULL.items()]
+    elif args.step_cache:
+        report["step_cache"] = [row for family, case in STEP_CACHE.items()
+                                for row in step_cache(family, case, STEP_CACHE_SETTINGS[family])]
     elif not args.gpu_only:
         report["sweep"] = [sweep(family, case, prompts, seeds) for family, case in families.items()]
         report["memory"] = [memory(family, case) for family, case in families.items()]
         report["compile"] = compile_reuse()
         report["orchestration"] = orchestration(pooled=not args.quick)
-    if not (args.real_memory or args.cpu_scaling):
+    if not (args.real_memory or args.cpu_scaling or args.step_cache):
         report["gpu"] = {"skipped": "quick mode"} if args.quick else gpu(gpu_families)
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = ("-quick" if args.quick else "-gpu" if args.gpu_only else "-real-memory" if args.real_memory
-              else "-cpu-scaling" if args.cpu_scaling else "")
+              else "-cpu-scaling" if args.cpu_scaling else "-step-cache" if args.step_cache else "")
     stem = RESULTS / f"{report['date']}-{socket.gethostname()}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     table = markdown(report)

@@ -183,8 +183,11 @@ def resolve_cache(request, model) -> StepCache | None:
     method, values = parsed
     family = model.family
     if not family.step_cache_hooks:
+        from stagediff.families import FAMILIES
+
+        hooked = ", ".join(name for name, other in FAMILIES.items() if other.step_cache_hooks)
         raise StagediffError(f"--cache {request.cache}: {family.name} models have no step-cache hooks in diffusers "
-                             "(they exist for flux1, flux2, flux2-klein and wan)")
+                             f"(they exist for {hooked})")
     if method.name in family.unsupported_cache_methods:
         raise StagediffError(f"--cache {request.cache} does not run on {family.name} models: "
                              f"{family.unsupported_cache_methods[method.name]}")

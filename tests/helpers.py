@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from stagediff import stages
@@ -37,3 +39,16 @@ def stored_item(request: Request, prompt: str, seed: int):
 def snapshot(folder: Path) -> dict[str, float]:
     """Relative path -> modification time of every file under a store folder."""
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def one_line_error(args: list[str], capsys) -> str:
+    """Run the `stagediff` command in-process with `args`; check that it fails with exit code 2 and one
+    error line, and return that line."""
+    from stagediff.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main(args))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("stagediff: error: ") and error.count("\n") == 1, error
+    return error

@@ -66,3 +66,19 @@ def test_cpu_scaling_section_splits_the_items_over_one_process_per_core(tmp_path
     assert len(list((tmp_path / "stores" / "scaling-sdxl").glob("share-*"))) == min(os.cpu_count(), 3)
     table = bench.markdown({"date": "d", "machine": "m", "cpu_scaling": [row]})
     assert "## 7." in table and "| sdxl | sdxl (tiny) | 3 | 64×64 |" in table
+
+
+def test_step_cache_section_compares_each_setting_with_the_exact_run(tmp_path, monkeypatch):
+    """Section 8 (`--step-cache`) here with tiny Wan: MagCache calibrated first (diffusers ships no Wan
+    ratios), each setting's denoise time and its frames against the exact run's, and its table."""
+    monkeypatch.setattr(bench, "WORK", tmp_path)
+    rows = bench.step_cache("wan", bench.Case("wan", "tiny", 4, 32, 32, 5), ("fbcache:100", "magcache:0"))
+
+    by_setting = {row["cache"]: row for row in rows}
+    assert set(by_setting) == {"fbcache:100", "magcache:0"}
+    assert all(row["speedup"] > 0 and row["cpu_speedup"] > 0 and row["exact_denoise_s"] > 0 for row in rows)
+    # A threshold of 100 skips every block after the first step; 0 skips none (calibrated ratios are not 1).
+    assert by_setting["magcache:0"]["psnr_db"] == float("inf") and by_setting["magcache:0"]["mean_abs_error"] == 0
+    assert by_setting["fbcache:100"]["mean_abs_error"] > 0
+    table = bench.markdown({"date": "d", "machine": "m", "step_cache": rows})
+    assert "## 8." in table and "| wan | wan (tiny) | 4 | 32×32×5f | `fbcache:100` |" in table
