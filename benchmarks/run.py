@@ -198,7 +198,7 @@ def sweep(family: str, case: Case, prompts: int, seeds: int) -> dict:
         "reuse_ceiling": plain["seconds"] / (plain["seconds"] - (images - prompts) * encode_per_prompt),
         "max_pixel_diff": max_diff, "stage_seconds": stage_seconds, "model_load_seconds": round(loads, 2),
         "compute_seconds": round(compute, 2), "store_and_other_seconds": round(staged["seconds"] - compute - loads, 2),
-        "encode_calls": {"stagediff": prompts, "plain_loop": images},
+        "encode_calls": {"stagediff": staged["stages"]["encode"]["computed"], "plain_loop": plain["encode_calls"]},
     }
 
 

@@ -73,6 +73,7 @@ def plain_loop(args: dict) -> dict:
     pipe = DiffusionPipeline.from_pretrained(args["model"], torch_dtype=TORCH_DTYPES[args.get("dtype", "float32")])
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    encode_calls = count_calls(pipe, "encode_prompt")
     load = time.perf_counter() - start
     out = Path(args["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,20 @@ def plain_loop(args: dict) -> dict:
             item_seconds.append(time.perf_counter() - item_start)
             step_seconds.append(float(np.median(np.diff(clock.times))) if len(clock.times) > 1 else None)
     return {"seconds": time.perf_counter() - start, "load_seconds": load, "item_seconds": item_seconds,
-            "step_seconds": step_seconds}
+            "step_seconds": step_seconds, "encode_calls": len(encode_calls)}
+
+
+def count_calls(target, method: str) -> list:
+    """Record each call of `target.method` (an entry per call) in the returned list."""
+    calls = []
+    original = getattr(target, method)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(target, method, counted)
+    return calls
 
 
 def staged(args: dict) -> dict:

@@ -21,17 +21,25 @@ PREVIEW_PIXELS = 256
 
 
 class RunProgress:
-    """Items done / total for the whole run, advanced as chunks finish."""
+    """Items done / total for the whole run: those the store already held, then each chunk's as it
+    finishes, and every item once the run completes."""
 
-    def __init__(self, plan: Plan, items_per_chunk: int):
-        self.total = len(plan.items)
-        self.per_chunk = items_per_chunk
-        self.done = 0
-        self.artifact_id = create_progress_artifact(0.0, description=f"0/{self.total} items")
+    def __init__(self, total: int, done: int):
+        self.total, self.done = total, done
+        self.artifact_id = create_progress_artifact(self._percent(), description=self._description())
 
-    def chunk_done(self) -> None:
-        self.done = min(self.total, self.done + self.per_chunk)
-        update_progress_artifact(self.artifact_id, 100.0 * self.done / self.total, description=f"{self.done}/{self.total} items")
+    def advance(self, items: int) -> None:
+        self.done = min(self.total, self.done + items)
+        update_progress_artifact(self.artifact_id, self._percent(), description=self._description())
+
+    def finish(self) -> None:
+        self.advance(self.total - self.done)
+
+    def _percent(self) -> float:
+        return 100.0 * self.done / self.total
+
+    def _description(self) -> str:
+        return f"{self.done}/{self.total} items"
 
 
 def artifact_key(run_name: str, kind: str) -> str:

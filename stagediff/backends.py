@@ -30,6 +30,13 @@ def _jax_platform() -> str:
         return "none"
 
 
+def denoises_on_cpu(backend: str) -> bool:
+    """True when denoising with `backend` here would run on this machine's CPU (no GPU or TPU)."""
+    if resolve_backend(backend) == "torch":
+        return not torch.cuda.is_available()
+    return _jax_platform() == "cpu"
+
+
 def default_mesh(backend: str, batch_size: int, weights: Path) -> str | None:
     """The mesh when `--mesh` is not given: on a multi-chip TPU host, `tpu_ops.mesh.default_mesh_spec`
     for the model whose safetensors are in `weights` and this batch; elsewhere none (one device)."""
@@ -48,23 +55,33 @@ def torch_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_placement(backend: str, mesh: str | None) -> None:
+    """Fail with a one-line error, before any work, for a mesh the backend or the devices cannot take."""
+    if mesh is None:
+        return
+    if resolve_backend(backend) != "torchax":
+        raise StagediffError(f"--mesh {mesh} needs --backend torchax")
+    from tpu_ops.mesh import MeshError, make_mesh
+
+    try:
+        make_mesh(mesh)
+    except MeshError as error:
+        raise StagediffError(str(error)) from None
+
+
 def place_pipeline(pipe, backend: str, compiled_component: str | None, on_compile=None, mesh: str | None = None,
                    family: str | None = None):
     """Move a stage's pipeline onto its backend; with torchax, compile `compiled_component`, its
-    weights sharded over `mesh` by the family's rule table when a mesh is given."""
+    weights sharded over `mesh` by the family's rule table when a mesh is given (`check_placement`
+    has accepted it)."""
     if backend == "torch":
-        if mesh:
-            raise StagediffError(f"--mesh {mesh} needs --backend torchax")
         return pipe.to(torch_device())
     from tpu_ops.attention import FAMILY_ATTENTION, AttentionConfig
     from tpu_ops.compiled_module import CompiledModule
-    from tpu_ops.mesh import MeshError, make_mesh
+    from tpu_ops.mesh import make_mesh
     from tpu_ops.sharding import RULES
 
-    try:
-        device_mesh = make_mesh(mesh) if mesh else None
-    except MeshError as error:
-        raise StagediffError(str(error)) from None
+    device_mesh = make_mesh(mesh) if mesh else None
     module = getattr(pipe, compiled_component)
     compiled = CompiledModule(module, on_compile=on_compile, mesh=device_mesh, rules=RULES.get(family, []),
                               attention=FAMILY_ATTENTION.get(family, AttentionConfig()))

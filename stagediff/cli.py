@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
 
+from stagediff.confinement import check_location, check_run_name
 from stagediff.errors import StagediffError
 from stagediff.options import GENERATION_OPTIONS, RUN_OPTIONS, request_from_options
 
 STAGE_COMMANDS = ("encode", "denoise", "decode")
+LEFTOVER_AGE_SECONDS = 3600
+"""`stagediff.store.LEFTOVER_AGE_SECONDS`, repeated so that `--help` imports no torch (a test keeps them equal)."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -25,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="stagediff", description="Staged, resumable diffusion generation.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    generate = commands.add_parser("generate", help="run encode → denoise → decode as a Prefect flow")
+    generate = commands.add_parser("generate", help="run encode → denoise → decode for every prompt × seed")
     _add_generation_options(generate)
     for stage in STAGE_COMMANDS:
         _add_generation_options(commands.add_parser(stage, help=f"run only the {stage} stage"))
@@ -33,6 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser("calibrate-cache", help="compute MagCache's magnitude ratios for a model "
                                     "(stored in the store, found there by --cache magcache)")
     _add_generation_options(calibrate)
+    status = commands.add_parser("status", help="per stage, what the store holds of a batch (its options) or "
+                                 "of a run (--run); reads listings and headers, loads no model")
+    _add_generation_options(status, required=False)
+    status.add_argument("--run", help="report this run's manifest (in --store) instead of a batch")
+    verify = commands.add_parser("verify", help="read every artifact of a store in full; report the corrupt ones")
+    verify.add_argument("store", help="local folder or gs://bucket/prefix")
+    verify.add_argument("--repair", action="store_true", help="remove corrupt artifacts (the next run recomputes them)")
+    gc = commands.add_parser("gc", help="list what killed writers left (and unreferenced artifacts); delete with --delete")
+    gc.add_argument("store", help="local folder or gs://bucket/prefix")
+    gc.add_argument("--unreferenced", action="store_true", help="also artifacts that no run's manifest refers to")
+    gc.add_argument("--delete", action="store_true", help="delete them (without it, only list them)")
+    gc.add_argument("--older-than", type=float, default=LEFTOVER_AGE_SECONDS, metavar="SECONDS",
+                    help="only files at least this old (default 3600: a batch still running has no manifest yet)")
 
     tiny = commands.add_parser("tiny-model", help="build a tiny random-init model of a family")
     tiny.add_argument("family", help="sdxl, flux1, flux1-schnell, flux2, flux2-klein, flux2-klein-base or wan")
@@ -42,70 +57,166 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+def _add_generation_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
     for option in GENERATION_OPTIONS + RUN_OPTIONS:
         parser.add_argument(
-            option.flag, dest=option.name, type=option.value_type, help=option.help,
-            choices=option.choices or None, required=option.required,
+            *option.flags, dest=option.name, type=option.value_type, help=option.help,
+            choices=option.choices or None, required=required and option.required,
             action="append" if option.repeated else "store",
-            **({} if option.required else {"default": option.default_value}),
+            **({} if option.required else {"default": None if option.repeated else option.default_value}),
         )
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal for our own output: no torchvision fallback notes or download bars."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    """Keep the terminal for our own output: no torchvision fallback notes or download bars. Set
+    through the environment, which the libraries read when (and only if) a command imports them."""
+    for variable, value in (("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                            ("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                            ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
+        os.environ.setdefault(variable, value)
     warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    import transformers
-    import diffusers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
 
 
-def run(args) -> int:
-    if args.command == "tiny-model":
-        from stagediff.tiny import build_tiny_model
+def run(args, generate=None) -> int:
+    """Run one command; `generate(args) -> manifest URI` replaces the in-process batch (the
+    Prefect-recorded run of `flows.cli`)."""
+    if args.command == "generate":
+        return _generate(args, generate)
+    return COMMANDS[args.command](args)
 
-        print(build_tiny_model(args.family, args.folder, args.scale))
-        return 0
 
-    request = request_from_options(vars(args))
-    if args.command == "calibrate-cache" and request.cache != "none":
-        raise StagediffError(f"calibrate-cache calibrates magcache and takes no --cache (got {request.cache})")
+def _tiny_model(args) -> int:
+    from stagediff.tiny import build_tiny_model
+
+    print(build_tiny_model(args.family, args.folder, args.scale))
+    return 0
+
+
+def _plan(args):
+    """The validated plan of the command's batch; nothing is written yet."""
     from stagediff.plan import make_plan
 
-    plan = make_plan(request)
+    request = request_from_options(vars(args))
+    check_run_name(args.run_name)
+    if args.manifest:
+        check_location("--manifest", args.manifest)
+    return make_plan(request)
+
+
+def _generate(args, generate=None) -> int:
+    from stagediff.batch import run_batch
+    from stagediff.manifest import default_run_name
+    from stagediff.progress import TqdmProgress
+
+    plan = _plan(args)
     plan.store.check_writable()
-    if args.command == "generate":
-        from flows.generate import generate
+    if generate is not None:
+        manifest_uri = generate(args)
+    else:
+        run_name = args.run_name or default_run_name(plan.request.model)
+        manifest_uri = run_batch(plan, run_name, args.manifest, TqdmProgress())
+    print(f"manifest: {manifest_uri}")
+    for item in plan.items:
+        print(plan.store.uri_of(item.media_path))
+    return 0
 
-        manifest_uri = generate(**generate_parameters(args), dispatch="in-process")
-        print(f"manifest: {manifest_uri}")
-        for uri in [plan.store.uri_of(item.media_path) for item in plan.items]:
-            print(uri)
-        return 0
 
-    if args.command == "calibrate-cache":
-        from stagediff.cache_calibration import calibrate_magcache
-
-        uri, ratios = calibrate_magcache(plan)
-        print("magcache ratios: " + ", ".join(f"{ratio:.5f}" for ratio in ratios))
-        print(uri)
-        return 0
-
+def _stage(args) -> int:
     from stagediff import stages
     from stagediff.progress import TqdmProgress
 
-    result = getattr(stages, args.command)(plan, progress=TqdmProgress())
-    for uri in result.uris:
+    plan = _plan(args)
+    plan.store.check_writable()
+    for uri in getattr(stages, args.command)(plan, progress=TqdmProgress()).uris:
         print(uri)
     return 0
+
+
+def _calibrate_cache(args) -> int:
+    from stagediff.cache_calibration import calibrate_magcache
+
+    if args.cache != "none":
+        raise StagediffError(f"calibrate-cache calibrates magcache and takes no --cache (got {args.cache})")
+    plan = _plan(args)
+    plan.store.check_writable()
+    uri, ratios = calibrate_magcache(plan)
+    print("magcache ratios: " + ", ".join(f"{ratio:.5f}" for ratio in ratios))
+    print(uri)
+    return 0
+
+
+def _status(args) -> int:
+    if args.run:
+        return _status_of_run(args)
+    from stagediff.inventory import plan_state
+
+    plan = _plan(args)
+    return _print_state(plan.store, plan_state(plan))
+
+
+def _status_of_run(args) -> int:
+    import json
+
+    from stagediff.inventory import manifest_state
+    from stagediff.store import Store
+
+    check_run_name(args.run)
+    store = Store(args.store)
+    try:
+        manifest = json.loads(store.read_bytes(f"runs/{args.run}/manifest.json"))
+    except FileNotFoundError:
+        raise StagediffError(f"--run {args.run}: no manifest in {args.store}") from None
+    return _print_state(store, manifest_state(store, manifest))
+
+
+def _print_state(store, state) -> int:
+    from stagediff.inventory import DONE
+
+    for stage, counts in state.counts().items():
+        print(f"{stage:8s} " + ", ".join(f"{count} {name}" for name, count in sorted(counts.items())))
+    for paths in (state.embeddings, state.latents, state.media):
+        for path, found in paths.items():
+            if found != DONE:
+                print(f"{found:8s} {store.uri_of(path)}")
+    return 0
+
+
+def _verify(args) -> int:
+    from tqdm import tqdm
+
+    from stagediff.housekeeping import verify
+    from stagediff.store import Store
+
+    store = Store(args.store)
+    with tqdm(desc="verify", unit="artifact", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
+        report = verify(store, repair=args.repair, on_checked=lambda path: bar.update(1))
+    for path in report.corrupt:
+        print(f"corrupt    {store.uri_of(path)}" + ("  (removed)" if path in report.removed else ""))
+    for problem in report.unreadable:
+        print(f"unreadable {problem}")
+    print(f"{report.checked} artifacts checked, {len(report.corrupt)} corrupt, {len(report.unreadable)} unreadable")
+    return 0
+
+
+def _gc(args) -> int:
+    from stagediff.housekeeping import collect, garbage
+    from stagediff.store import Store
+
+    store = Store(args.store)
+    report = garbage(store, unreferenced=args.unreferenced, older_than=args.older_than)
+    if args.delete:
+        collect(store, report)
+    for path in report.leftovers:
+        print(f"leftover     {path}")
+    for path in report.unreferenced:
+        print(f"unreferenced {store.uri_of(path)}")
+    found = len(report.leftovers) + len(report.unreferenced)
+    print(f"{found} files {'deleted' if report.deleted else 'found (run again with --delete to delete them)'}")
+    return 0
+
+
+COMMANDS = {"encode": _stage, "denoise": _stage, "decode": _stage, "calibrate-cache": _calibrate_cache,
+            "status": _status, "verify": _verify, "gc": _gc, "tiny-model": _tiny_model}
 
 
 def generate_parameters(args) -> dict:
@@ -113,11 +224,12 @@ def generate_parameters(args) -> dict:
     return {option.name: getattr(args, option.name) for option in GENERATION_OPTIONS + RUN_OPTIONS}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, generate=None) -> int:
+    """The command line; `generate` as in `run`."""
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        return run(args)
+        return run(args, generate)
     except StagediffError as error:
         print(f"stagediff: error: {error}", file=sys.stderr)
         return 2

@@ -7,3 +7,9 @@ class StagediffError(Exception):
 
 class CorruptArtifact(StagediffError):
     """An artifact in the store does not parse, or does not match its key or checksum."""
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

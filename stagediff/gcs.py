@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from stagediff.errors import StagediffError, one_line
 
 # gcsfs otherwise probes each bucket's type over gRPC, which an http emulator never answers
 # (about 80 s of retries per bucket). Read when gcsfs is imported.
@@ -60,23 +63,24 @@ def model_cache_root() -> Path:
 def mirror_folder(uri: str) -> Mirror:
     """Copy a `gs://` folder into the local model cache, fetching only files whose content changed
     (compared by size and the object's md5/crc32c against the last mirror's index)."""
-    from stagediff.errors import StagediffError
-
     fs = filesystem()
-    remote = uri.removeprefix("gs://").rstrip("/")
+    remote = posixpath.normpath(uri.removeprefix("gs://")).strip("/")
+    if remote.startswith("..") or "/" not in remote:
+        raise StagediffError(f"--model {uri} is not a folder in a bucket (gs://bucket/path/to/model)")
     try:
         listing = fs.find(remote, detail=True)
     except Exception as error:
-        raise StagediffError(f"cannot list model {uri} in bucket {bucket_of(uri)!r}: {_one_line(error)}") from None
+        raise StagediffError(f"cannot list model {uri} in bucket {bucket_of(uri)!r}: {one_line(error)}") from None
     if not listing:
         raise StagediffError(f"model not found: {uri} (no objects under it)")
+    names = {path: _relative_object_name(path, remote, uri) for path in listing}
     folder = model_cache_root() / remote
     folder.mkdir(parents=True, exist_ok=True)
     index_path = folder / MIRROR_INDEX
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
     downloaded = 0
     for path, info in sorted(listing.items()):
-        relative = path[len(remote) + 1 :]
+        relative = names[path]
         fingerprint = [info.get("size"), info.get("md5Hash") or info.get("crc32c")]
         local = folder / relative
         if index.get(relative) == fingerprint and local.exists():
@@ -91,6 +95,10 @@ def mirror_folder(uri: str) -> Mirror:
     return Mirror(folder, downloaded)
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+def _relative_object_name(path: str, remote: str, uri: str) -> str:
+    """An object's name inside the model folder, normalised; a one-line error for a name that leads out
+    of it (`models/m/../../x`), which would otherwise be written outside the model cache."""
+    relative = posixpath.normpath(path.removeprefix(remote + "/")) if path.startswith(remote + "/") else ".."
+    if relative == ".." or relative.startswith("../") or relative.startswith("/"):
+        raise StagediffError(f"model {uri}: object {path!r} leads outside the model folder")
+    return relative

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -63,17 +64,28 @@ def mp4_bytes(frame_chunks: Iterable[np.ndarray], fps: int, metadata: Mapping) -
         os.remove(path)
 
 
-def read_mp4_metadata(data: bytes) -> dict:
-    """The generation metadata stored by `mp4_bytes` (read back with the bundled ffmpeg)."""
-    import imageio_ffmpeg
-
+@contextlib.contextmanager
+def _mp4_file(data: bytes) -> Iterator[str]:
+    """The bytes in a temporary file, for ffmpeg to read."""
     with tempfile.NamedTemporaryFile(suffix=".mp4") as file:
         file.write(data)
         file.flush()
-        listing = subprocess.run(
-            [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", file.name, "-f", "ffmetadata", "-"],
-            capture_output=True, text=True, check=True,
-        ).stdout
+        yield file.name
+
+
+def read_mp4_metadata(data: bytes) -> dict:
+    """The generation metadata stored by `mp4_bytes` (read back with the bundled ffmpeg)."""
+    with _mp4_file(data) as path:
+        return _mp4_metadata(path)
+
+
+def _mp4_metadata(path: str) -> dict:
+    import imageio_ffmpeg
+
+    listing = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path, "-f", "ffmetadata", "-"],
+        capture_output=True, text=True, check=True,
+    ).stdout
     # ffmetadata escapes '=', ';', '#', '\\' and newlines with a backslash.
     for line in re.split(r"(?<!\\)\n", listing):
         if line.startswith("comment="):
@@ -91,13 +103,30 @@ def media_bytes(extension: str, frame_chunks: Iterable[np.ndarray], fps: int | N
     raise ValueError(f"unknown media format {extension!r}")
 
 
-def is_valid_media(extension: str, data: bytes) -> bool:
-    """True when the bytes are a complete file of that format."""
-    if extension == "png":
-        try:
+class CorruptMedia(ValueError):
+    """A media file that does not decode completely, or lacks its stagediff metadata."""
+
+
+def verified_media_metadata(extension: str, data: bytes) -> dict:
+    """The generation metadata of a media file, after decoding all of it: every pixel of a PNG; every
+    frame of an MP4, which must be as many as its metadata says. Raises CorruptMedia otherwise."""
+    try:
+        if extension == "png":
             with Image.open(io.BytesIO(data)) as image:
-                image.verify()
-            return True
-        except Exception:
-            return False
-    return len(data) > 8 and data[4:8] == b"ftyp"
+                image.load()
+                return json.loads(image.text[METADATA_CHUNK])
+        if extension == "mp4":
+            import imageio_ffmpeg
+
+            with _mp4_file(data) as path:
+                metadata = _mp4_metadata(path)
+                frames, _seconds = imageio_ffmpeg.count_frames_and_secs(path)
+            if frames != metadata.get("frames"):
+                raise CorruptMedia(f"{frames} frames decode, its metadata says {metadata.get('frames')}")
+            return metadata
+    except CorruptMedia:
+        raise
+    except (OSError, ValueError, KeyError, SyntaxError, RuntimeError, subprocess.CalledProcessError) as error:
+        raise CorruptMedia(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__) from None
+    raise ValueError(f"unknown media format {extension!r}")
+

@@ -1,4 +1,4 @@
-"""Model checkpoints: where a `--model` lives, which family it is, and a fingerprint of its components."""
+"""Model checkpoints: where a `--model` lives, which family it is, and the identity of its components."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from pathlib import Path
 
 from stagediff.errors import StagediffError
 from stagediff.families import FamilyAdapter, family_for_pipeline
-
-WHOLE_FILE_HASH_LIMIT = 4 * 2**20
-EDGE_BYTES = 2**20
+from stagediff.fingerprints import file_digest, is_ignored_weight
+from stagediff.hub import HubSnapshot, open_snapshot
 
 
 @dataclass(frozen=True)
@@ -24,6 +23,8 @@ class Model:
     folder: Path
     family: FamilyAdapter
     model_index: dict
+    hub: HubSnapshot | None = None
+    """The Hugging Face snapshot behind `folder`, whose components are fetched when a stage loads them."""
 
     def config_of(self, component: str) -> dict:
         """The JSON config of one component (`unet`, `vae`, `scheduler`, ...)."""
@@ -33,14 +34,68 @@ class Model:
         """Names of all pipeline components listed in model_index.json."""
         return tuple(name for name, value in self.model_index.items() if not name.startswith("_") and isinstance(value, list))
 
+    @property
+    def revision(self) -> str | None:
+        """The Hugging Face commit of a hub model (None for folders)."""
+        return self.hub.revision if self.hub else None
+
     def fingerprint(self, components: tuple[str, ...]) -> str:
-        """A content fingerprint of the named components' files (changes when any of them changes)."""
-        return _fingerprint(self.folder, tuple(sorted(components)))
+        """The identity of the named components: the content digest of every file they load (weights in
+        formats stagediff never loads aside) and the model_index.json entries that change their numbers
+        (the pipeline's own settings, such as SDXL's `force_zeros_for_empty_prompt`, and the
+        components' classes). Changes whenever any byte of those changes."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self._index_entries(components), sort_keys=True).encode())
+        for component in sorted(components):
+            for path in self._component_paths(component):
+                if not is_ignored_weight(Path(path)):
+                    digest.update(f"{path}\0{self._file_digest(path)}\n".encode())
+        return digest.hexdigest()[:32]
+
+    def fetch(self, components: tuple[str, ...]) -> None:
+        """Make the components' files local (hub models download them now; folders have them)."""
+        if self.hub:
+            self.hub.fetch(components)
+
+    def check_safetensors(self, components: tuple[str, ...]) -> None:
+        """Fail with a one-line error for a component whose weights exist only in formats that are not
+        safetensors (stagediff never unpickles weights)."""
+        for component in components:
+            paths = [Path(path) for path in self._component_paths(component)]
+            if any(is_ignored_weight(path) for path in paths) and not any(path.suffix == ".safetensors" for path in paths):
+                formats = sorted({path.suffix for path in paths if is_ignored_weight(path)})
+                raise StagediffError(f"model {self.reference}: component {component!r} has weights only as "
+                                     f"{', '.join(formats)}; stagediff loads safetensors weights only")
+
+    def _index_entries(self, components: tuple[str, ...]) -> dict:
+        return {
+            name: value for name, value in self.model_index.items()
+            if name in components or name == "_class_name" or not (name.startswith("_") or isinstance(value, list))
+        }
+
+    def _component_paths(self, component: str) -> list[str]:
+        """The component's files, relative to the model, sorted (a hub model's whether fetched or not)."""
+        if self.hub:
+            return sorted(path for path in self.hub.file_digests if path.startswith(f"{component}/"))
+        root = self.folder / component
+        return sorted(str(path.relative_to(self.folder)) for path in root.rglob("*") if path.is_file())
+
+    def _file_digest(self, path: str) -> str:
+        return self.hub.file_digests[path] if self.hub else file_digest(self.folder / path)
 
 
 def open_model(reference: str) -> Model:
     """Resolve `--model` to a local diffusers folder and detect its family."""
-    folder = resolve_model_folder(reference)
+    hub = None
+    if reference.startswith("gs://"):
+        from stagediff.gcs import mirror_folder
+
+        folder = mirror_folder(reference).folder
+    else:
+        folder = _local_folder(reference)
+        if folder is None:
+            hub = open_snapshot(reference)
+            folder = hub.folder
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise StagediffError(f"not a diffusers model folder (no model_index.json): {reference}")
@@ -49,73 +104,41 @@ def open_model(reference: str) -> Model:
     except json.JSONDecodeError as error:
         raise StagediffError(f"unreadable model_index.json in {reference}: {error}") from None
     family = family_for_pipeline(str(model_index.get("_class_name")), f"{reference}/model_index.json")
-    return Model(reference=reference, folder=folder, family=family, model_index=model_index)
+    return Model(reference=reference, folder=folder, family=family, model_index=model_index, hub=hub)
 
 
-def resolve_model_folder(reference: str) -> Path:
-    """A local folder for `reference`: itself when it is a folder, else a Hugging Face hub snapshot."""
-    if reference.startswith("gs://"):
-        from stagediff.gcs import mirror_folder
-
-        return mirror_folder(reference).folder
+def _local_folder(reference: str) -> Path | None:
+    """The folder `reference` names; None for a Hugging Face id; a one-line error for anything else."""
     path = Path(reference).expanduser()
     if path.is_dir():
         return path.resolve()
     if path.exists():
         raise StagediffError(f"--model {reference} is a file, not a diffusers model folder")
-    if not _looks_like_hub_id(reference):
+    if not looks_like_hub_id(reference):
         raise StagediffError(f"model not found: {reference} (no such folder)")
-    return _download_from_hub(reference)
+    return None
 
 
-def _looks_like_hub_id(reference: str) -> bool:
+def is_hub_id(reference: str) -> bool:
+    """True for a Hugging Face id: `org/name`, not a gs:// URI, and nothing at that path here."""
+    return looks_like_hub_id(reference) and not Path(reference).expanduser().exists()
+
+
+def looks_like_hub_id(reference: str) -> bool:
     parts = reference.split("/")
     return len(parts) == 2 and all(parts) and not reference.startswith((".", "/", "~"))
 
 
-def _download_from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        pass
-    try:
-        return Path(snapshot_download(repo_id))
-    except Exception as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise StagediffError(f"model not found: {repo_id} (no such folder; Hugging Face download failed: {reason})") from None
-
-
-@functools.lru_cache(maxsize=64)
 def _read_component_config(folder: Path, component: str) -> dict:
     for name in ("config.json", "scheduler_config.json"):
         path = folder / component / name
         if path.is_file():
-            return json.loads(path.read_text())
+            stat = path.stat()
+            return _read_json(path, stat.st_mtime_ns, stat.st_size)
     raise StagediffError(f"model {folder} has no config for component {component!r}")
 
 
-@functools.lru_cache(maxsize=64)
-def _fingerprint(folder: Path, components: tuple[str, ...]) -> str:
-    digest = hashlib.sha256()
-    for component in components:
-        root = folder / component
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            digest.update(str(path.relative_to(folder)).encode())
-            digest.update(_file_digest(path))
-    return digest.hexdigest()[:32]
-
-
-def _file_digest(path: Path) -> bytes:
-    """Whole-file hash for configs and small weights; size plus head and tail for large weights."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with path.open("rb") as handle:
-        if size <= WHOLE_FILE_HASH_LIMIT:
-            digest.update(handle.read())
-        else:
-            digest.update(handle.read(EDGE_BYTES))
-            handle.seek(size - EDGE_BYTES)
-            digest.update(handle.read(EDGE_BYTES))
-    return digest.digest()
+@functools.lru_cache(maxsize=256)
+def _read_json(path: Path, mtime_ns: int, size: int) -> dict:
+    """A JSON file, read again when it changes (long-lived workers see checkpoints saved in place)."""
+    return json.loads(path.read_text())

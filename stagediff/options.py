@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from stagediff.prompts import expand_seeds, read_prompt_file
 from stagediff.request import BACKENDS, DTYPES, Request
 
 REQUIRED = dataclasses.MISSING
@@ -31,10 +32,15 @@ class Option:
     """An option of some model families only: it travels in `Request.extras`."""
     default: Any = FROM_REQUEST
     """Options that are Request fields default to the Request's default, others to None."""
+    parameter_type: Any = None
+    """The type of one value as a flow parameter, where it is more than `value_type` (a seed range is a
+    string, a prompt may be an object with its own negative prompt)."""
+    extra_flags: tuple[str, ...] = ()
+    """More command-line flags for the same option (`--seeds 0-999` beside `--seed 5`)."""
 
     @property
-    def flag(self) -> str:
-        return "--" + (self.name.removesuffix("s") if self.repeated else self.name).replace("_", "-")
+    def flags(self) -> tuple[str, ...]:
+        return ("--" + (self.name.removesuffix("s") if self.repeated else self.name).replace("_", "-"), *self.extra_flags)
 
     @property
     def required(self) -> bool:
@@ -50,7 +56,7 @@ class Option:
     @property
     def annotation(self):
         """The flow parameter's type, as Prefect validates it and shows it in the UI."""
-        one = Literal[self.choices] if self.choices else self.value_type
+        one = Literal[self.choices] if self.choices else self.parameter_type or self.value_type
         if self.repeated:
             return list[one]
         return one if self.required or self.default_value is not None else one | None
@@ -60,8 +66,12 @@ _REQUEST_FIELDS = {field.name: field for field in dataclasses.fields(Request)}
 
 GENERATION_OPTIONS: tuple[Option, ...] = (
     Option("model", str, "Hugging Face id, local diffusers folder or gs:// folder"),
-    Option("prompts", str, "a prompt (repeat for several)", repeated=True),
-    Option("seeds", int, "a seed (repeat for several)", repeated=True),
+    Option("prompts", str, "a prompt (repeat for several)", repeated=True, default=(),
+           parameter_type=str | dict[str, str]),
+    Option("prompt_file", str, "a local or gs:// file of prompts: one per line, or .jsonl lines "
+           '{"prompt": ..., "negative_prompt": ...}'),
+    Option("seeds", str, "a seed, or an inclusive range of seeds such as 0-999 (repeat for several)",
+           repeated=True, parameter_type=int | str, extra_flags=("--seeds",)),
     Option("negative_prompt", str, "negative prompt (default: the pipeline's own)"),
     Option("steps", int, "denoising steps (default: the family's)"),
     Option("guidance", float, "guidance scale: CFG or embedded, as the family uses it"),
@@ -94,8 +104,12 @@ def option_named(options: tuple[Option, ...], name: str) -> Option:
 
 
 def request_from_options(values: Mapping[str, Any]) -> Request:
-    """The validated Request behind option values (CLI arguments or flow parameters, by name;
-    other names are ignored)."""
-    fields = {o.name: values[o.name] for o in GENERATION_OPTIONS if not o.family_option and o.name in values}
+    """The validated Request behind option values (CLI arguments or flow parameters, by name; other
+    names are ignored): the prompt file's prompts after the prompts, seed ranges expanded."""
+    fields = {o.name: values[o.name] for o in GENERATION_OPTIONS
+              if o.name in values and o.name in _REQUEST_FIELDS and not o.family_option}
+    prompt_file = values.get("prompt_file")
+    fields["prompts"] = [*(values.get("prompts") or ()), *(read_prompt_file(prompt_file) if prompt_file else ())]
+    fields["seeds"] = expand_seeds(values.get("seeds") or ())
     extras = {o.name: values.get(o.name) for o in GENERATION_OPTIONS if o.family_option}
     return Request(**fields, extras=extras)

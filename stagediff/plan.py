@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from stagediff.backends import check_placement
+from stagediff.confinement import check_location
 from stagediff.errors import StagediffError
 from stagediff.families import FamilyAdapter, Settings
-from stagediff.models import Model, open_model
+from stagediff.models import Model, is_hub_id, open_model
 from stagediff.request import Request
 from stagediff.step_cache import resolve_cache
 from stagediff.store import Store, content_key
@@ -48,6 +50,8 @@ class Plan:
     settings: Settings
     embeddings: tuple[Embedding, ...]
     items: tuple[Item, ...]
+    model_fingerprints: dict[str, str]
+    """Stage name → identity of the model components that stage loads."""
 
     @property
     def family(self) -> FamilyAdapter:
@@ -79,20 +83,28 @@ def resolve_settings(request: Request, model: Model) -> Settings:
 
 def make_plan(request: Request, model: Model | None = None) -> Plan:
     """Validate a request against its model and compute every artifact key, before any work."""
+    check_location("--store", request.store)
+    if not is_hub_id(request.model):
+        check_location("--model", request.model)
+    check_placement(request.backend, request.mesh)
     model = model or open_model(request.model)
     family = model.family
     settings = resolve_settings(request, model)
     if request.negative_prompt is not None and not family.uses_negative_prompt:
         raise StagediffError(f"--negative-prompt is not supported by {family.name} models (their pipeline takes none)")
-    negative = request.negative_prompt if request.negative_prompt is not None else family.default_negative_prompt or None
+    default_negative = request.negative_prompt if request.negative_prompt is not None else family.default_negative_prompt or None
+    if not family.uses_negative_prompt and any(own is not None for _, own in request.prompt_pairs):
+        raise StagediffError(f"negative prompts are not supported by {family.name} models (their pipeline takes none)")
 
+    model.check_safetensors(family.encode_components + family.denoise_components + family.decode_components)
     encoders = model.fingerprint(family.encode_components)
     denoiser = model.fingerprint(family.denoise_components)
     decoder = model.fingerprint(family.decode_components)
 
     embeddings: dict[str, Embedding] = {}
     items = []
-    for prompt in dict.fromkeys(request.prompts):
+    for prompt, own_negative in request.prompt_pairs:
+        negative = own_negative if own_negative is not None else default_negative
         inputs = {
             "family": family.name,
             "model": encoders,
@@ -126,4 +138,5 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
                     media_path=f"media/{media_key}.{family.media_extension}",
                 )
             )
-    return Plan(request, model, settings, tuple(embeddings.values()), tuple(items))
+    fingerprints = {"encode": encoders, "denoise": denoiser, "decode": decoder}
+    return Plan(request, model, settings, tuple(embeddings.values()), tuple(items), fingerprints)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from stagediff.errors import StagediffError
@@ -16,7 +17,8 @@ class Request:
     """One batch: every prompt with every seed. Options left as None take the family's defaults."""
 
     model: str
-    prompts: tuple[str, ...]
+    prompts: tuple[str | dict, ...]
+    """Prompt texts, or `{"prompt": ..., "negative_prompt": ...}` for a prompt with its own negative."""
     seeds: tuple[int, ...]
     negative_prompt: str | None = None
     steps: int | None = None
@@ -47,10 +49,14 @@ class Request:
         if not self.model:
             raise StagediffError("--model is required")
         if not self.prompts:
-            raise StagediffError("at least one --prompt is required")
+            raise StagediffError("at least one --prompt (or a --prompt-file) is required")
         for prompt in self.prompts:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise StagediffError(f"--prompt {prompt!r} is empty")
+            text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+            if not isinstance(text, str) or not text.strip():
+                raise StagediffError(f"--prompt {text!r} is empty")
+            if isinstance(prompt, dict) and (set(prompt) - {"prompt", "negative_prompt"}
+                                             or not isinstance(prompt.get("negative_prompt", ""), str)):
+                raise StagediffError(f"--prompt {prompt!r}: a prompt is a text or {{\"prompt\", \"negative_prompt\"}}")
         if not self.seeds:
             raise StagediffError("at least one --seed is required")
         for seed in self.seeds:
@@ -78,6 +84,16 @@ class Request:
             raise StagediffError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise StagediffError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+    def replace(self, **changes) -> "Request":
+        """This request with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def prompt_pairs(self) -> tuple[tuple[str, str | None], ...]:
+        """Each distinct (prompt text, its own negative prompt or None), in order."""
+        pairs = ((p["prompt"], p.get("negative_prompt")) if isinstance(p, dict) else (p, None) for p in self.prompts)
+        return tuple(dict.fromkeys(pairs))
 
     def to_dict(self) -> dict:
         """Plain JSON-able parameters (for Prefect flows and the manifest)."""

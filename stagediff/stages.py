@@ -14,13 +14,16 @@ from stagediff import __version__, step_cache
 from stagediff.backends import default_mesh, place_pipeline, resolve_backend
 from stagediff.errors import CorruptArtifact, StagediffError
 from stagediff.families import Settings
-from stagediff.media import is_valid_media, media_bytes
+from stagediff.media import CorruptMedia, media_bytes, verified_media_metadata
 from stagediff.plan import Item, Plan
 from stagediff.progress import Progress
+from stagediff.store import CHECKSUM_METADATA, Artifact
 from tpu_ops import compile_cache
 
 ENCODE, DENOISE, DECODE = "encode", "denoise", "decode"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LATENTS_CHECKSUM = "latents_checksum"
+"""Media metadata: the checksum of the latents a media file was decoded from."""
 
 
 @dataclass
@@ -48,6 +51,10 @@ class _Loaded:
 
 _loaded: dict[str, _Loaded] = {}
 _stage_locks = {stage: threading.Lock() for stage in (ENCODE, DENOISE, DECODE)}
+_model_loading = threading.Lock()
+"""One model load at a time per process: diffusers and accelerate load under process-wide patches of
+torch (`init_empty_weights` swaps `nn.Module.register_parameter`, `no_init_weights` the `nn.init`
+functions), so two loads at once in two threads leave torch patched for everything built later."""
 
 
 def _components_of(plan: Plan, stage: str) -> tuple[str, ...]:
@@ -55,25 +62,35 @@ def _components_of(plan: Plan, stage: str) -> tuple[str, ...]:
     return {ENCODE: family.encode_components, DENOISE: family.denoise_components, DECODE: family.decode_components}[stage]
 
 
-def _stage_pipeline(plan: Plan, stage: str, backend: str) -> tuple[_Loaded, float]:
-    """The stage's pipeline (only its components loaded), kept for the next call with the same key."""
+def stage_backend(plan: Plan, stage: str) -> str:
+    """Where a stage computes: encode with torch on the CPU, the others as the request's backend says."""
+    if stage == ENCODE:
+        return "torch"
+    if stage == DECODE:
+        return "torch"
+    return resolve_backend(plan.request.backend)
+
+
+def stage_pipeline(plan: Plan, stage: str):
+    """The stage's pipeline for this plan: only its components loaded, placed on its backend; kept
+    loaded (one per stage) for the next call with the same model files, dtype, backend and mesh."""
+    return _stage_pipeline(plan, stage)[0].pipe
+
+
+def _stage_pipeline(plan: Plan, stage: str) -> tuple[_Loaded, float]:
+    backend = stage_backend(plan, stage)
+    components = _components_of(plan, stage)
     mesh = plan.request.mesh
     if stage == DENOISE and mesh is None:
         mesh = default_mesh(backend, plan.request.batch_size, plan.model.folder / plan.family.denoiser_component)
-    key = (str(plan.model.folder), plan.settings.dtype, backend, mesh)
+    # The fingerprint, not the folder: a checkpoint rewritten in place is loaded again.
+    key = (str(plan.model.folder), plan.model.fingerprint(components), plan.settings.dtype, backend, mesh)
     loaded = _loaded.get(stage)
     if loaded is not None and loaded.key == key:
         return loaded, 0.0
     release(stage)
     start = time.perf_counter()
-    wanted = _components_of(plan, stage)
-    own = plan.family.own_components(plan.model.folder, wanted)
-    skipped = {name: None for name in plan.model.components() if name not in wanted or name in own}
-    pipe = plan.family.pipeline_class().from_pretrained(
-        plan.model.folder, dtype=TORCH_DTYPES[plan.settings.dtype], **skipped
-    )
-    if own:
-        pipe.register_modules(**own)
+    pipe = _load_pipeline(plan, components)
     pipe.set_progress_bar_config(disable=True)
     compile_seconds: list[float] = []
     if stage == DENOISE:
@@ -86,6 +103,30 @@ def _stage_pipeline(plan: Plan, stage: str, backend: str) -> tuple[_Loaded, floa
     loaded = _Loaded(key, pipe, compile_seconds)
     _loaded[stage] = loaded
     return loaded, time.perf_counter() - start
+
+
+def _load_pipeline(plan: Plan, wanted: tuple[str, ...]):
+    """The family's pipeline with only the `wanted` components loaded (safetensors weights only)."""
+    plan.model.fetch(wanted)
+    with _model_loading:
+        _quiet_loading()
+        own = plan.family.own_components(plan.model.folder, wanted)
+        skipped = {name: None for name in plan.model.components() if name not in wanted or name in own}
+        pipe = plan.family.pipeline_class().from_pretrained(
+            plan.model.folder, dtype=TORCH_DTYPES[plan.settings.dtype], use_safetensors=True, **skipped
+        )
+    if own:
+        pipe.register_modules(**own)
+    return pipe
+
+
+def _quiet_loading() -> None:
+    """No per-component loading bars: a stage reports its own progress (terminal bars, UI artifacts)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def loaded_components(stage: str) -> tuple[str, ...]:
@@ -114,8 +155,9 @@ def encode(plan: Plan, progress: Progress | None = None) -> StageResult:
     pending = [e for e in embeddings if not store.has_valid_tensors(e.path, e.key)]
     if not pending:
         return result
+    _remove_leftovers(store, [e.path for e in pending])
     with _stage_locks[ENCODE]:
-        loaded, result.load_seconds = _stage_pipeline(plan, ENCODE, "torch")
+        loaded, result.load_seconds = _stage_pipeline(plan, ENCODE)
         progress.stage_started(ENCODE, len(pending))
         for embedding in pending:
             start = time.perf_counter()
@@ -138,12 +180,12 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
     pending = [item for item in items if not store.has_valid_tensors(item.latents_path, item.latents_key)]
     if not pending:
         return result
-    backend = resolve_backend(plan.request.backend)
     # Read each needed embedding once, before loading anything: a missing one fails fast.
     first_user = {item.embedding.key: item for item in reversed(pending)}
     embeddings = {key: _read_embeddings(plan, item) for key, item in first_user.items()}
+    _remove_leftovers(store, [item.latents_path for item in pending])
     with _stage_locks[DENOISE]:
-        loaded, result.load_seconds = _stage_pipeline(plan, DENOISE, backend)
+        loaded, result.load_seconds = _stage_pipeline(plan, DENOISE)
         compiles_before = len(loaded.compile_seconds)
         hits_before = compile_cache.stats.hits
         progress.stage_started(DENOISE, len(pending))
@@ -151,13 +193,11 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
         for first in range(0, len(pending), batch_size):
             batch = pending[first : first + batch_size]
             start = time.perf_counter()
-            latents = _denoise_batch(plan, loaded.pipe, backend, batch, embeddings, plan.settings, progress)
+            latents = _denoise_batch(plan, loaded.pipe, batch, embeddings, plan.settings, progress)
             for index, item in enumerate(batch):
                 uri = store.write_tensors(
                     item.latents_path, {"latents": latents[index : index + 1]}, item.latents_key, item.latents_inputs
                 )
-                # Media decoded from the latents this replaces is stale now: decode redoes it.
-                store.remove(item.media_path)
                 progress.item_done(DENOISE, uri)
             seconds = (time.perf_counter() - start) / len(batch)
             result.item_seconds.extend([seconds] * len(batch))
@@ -172,16 +212,16 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
 def denoise_in_memory(plan: Plan, items: list[Item], settings: Settings) -> torch.Tensor:
     """Denoise `items` in one call with `settings` (a variant of the plan's, e.g. a calibrating cache) and
     return their latents without storing them."""
-    backend = resolve_backend(plan.request.backend)
     embeddings = {item.embedding.key: _read_embeddings(plan, item) for item in items}
     with _stage_locks[DENOISE]:
-        loaded, _ = _stage_pipeline(plan, DENOISE, backend)
-        return _denoise_batch(plan, loaded.pipe, backend, items, embeddings, settings, Progress())
+        loaded, _ = _stage_pipeline(plan, DENOISE)
+        return _denoise_batch(plan, loaded.pipe, items, embeddings, settings, Progress())
 
 
-def _denoise_batch(plan: Plan, pipe, backend: str, batch: list[Item], embeddings: dict, settings: Settings,
+def _denoise_batch(plan: Plan, pipe, batch: list[Item], embeddings: dict, settings: Settings,
                    progress: Progress) -> torch.Tensor:
     generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
+    backend = stage_backend(plan, DENOISE)
     with torch.no_grad(), step_cache.applied(pipe, plan.family.denoiser_component, settings, backend):
         return plan.family.denoise(
             pipe,
@@ -202,16 +242,18 @@ def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
     pending = [item for item in items if not _has_valid_media(plan, item)]
     if not pending:
         return result
+    _remove_leftovers(store, [item.media_path for item in pending])
     with _stage_locks[DECODE]:
-        loaded, result.load_seconds = _stage_pipeline(plan, DECODE, "torch")
+        loaded, result.load_seconds = _stage_pipeline(plan, DECODE)
         progress.stage_started(DECODE, len(pending))
         for item in pending:
             start = time.perf_counter()
             latents = _read_latents(plan, item)
+            metadata = {**media_metadata(plan, item), LATENTS_CHECKSUM: latents.metadata[CHECKSUM_METADATA]}
             with torch.no_grad():
-                frames = plan.family.decode(loaded.pipe, latents, plan.settings)
-                data = media_bytes(extension, frames, plan.settings.fps, media_metadata(plan, item))
-            uri = store.write_bytes(item.media_path, data)
+                frames = plan.family.decode(loaded.pipe, latents.tensors["latents"], plan.settings)
+                data = media_bytes(extension, frames, plan.settings.fps, metadata)
+            uri = store.write_bytes(item.media_path, data, {"latents-checksum": metadata[LATENTS_CHECKSUM]})
             result.item_seconds.append(time.perf_counter() - start)
             progress.item_done(DECODE, uri)
         progress.stage_finished(DECODE)
@@ -219,26 +261,29 @@ def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
     return result
 
 
-def missing_stages(plan: Plan) -> list[str]:
-    """The stages that still have work for this plan, judged from the store alone (no model loaded)."""
-    store = plan.store
-    missing_latents = [item for item in plan.items if not store.has_valid_tensors(item.latents_path, item.latents_key)]
-    needed = []
-    if missing_latents and any(
-        not store.has_valid_tensors(e.path, e.key)
-        for e in {item.embedding.key: item.embedding for item in missing_latents}.values()
-    ):
-        needed.append(ENCODE)
-    if missing_latents:
-        needed.append(DENOISE)
-    if missing_latents or not all(_has_valid_media(plan, item) for item in plan.items):
-        needed.append(DECODE)
-    return needed
+def _remove_leftovers(store, paths: list[str]) -> None:
+    """Delete what killed writers left in the folders this stage writes to."""
+    for folder in sorted({path.rsplit("/", 1)[0] for path in paths}):
+        store.remove_leftovers(folder)
 
 
 def _has_valid_media(plan: Plan, item: Item) -> bool:
+    """True when the media file decodes completely and was decoded from the latents the store holds now
+    (latents recomputed since make it stale); a corrupt one is reported and counts as missing."""
     store = plan.store
-    return store.exists(item.media_path) and is_valid_media(plan.family.media_extension, store.read_bytes(item.media_path))
+    try:
+        data = store.read_bytes(item.media_path)
+        latents_checksum = store.read_metadata(item.latents_path).get(CHECKSUM_METADATA)
+    except FileNotFoundError:
+        return False
+    except CorruptArtifact:
+        return False  # the latents are recomputed, and this media file with them
+    try:
+        recorded = verified_media_metadata(plan.family.media_extension, data)
+    except CorruptMedia as error:
+        print(f"stagediff: corrupt media {store.uri_of(item.media_path)} ({error}); recomputing it")
+        return False
+    return recorded.get(LATENTS_CHECKSUM) == latents_checksum
 
 
 def media_metadata(plan: Plan, item: Item) -> dict:
@@ -275,9 +320,9 @@ def _read_embeddings(plan: Plan, item: Item) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _read_latents(plan: Plan, item: Item) -> torch.Tensor:
+def _read_latents(plan: Plan, item: Item) -> Artifact:
     try:
-        return plan.store.read_tensors(item.latents_path, item.latents_key)["latents"]
+        return plan.store.read_artifact(item.latents_path, item.latents_key)
     except (FileNotFoundError, CorruptArtifact):
         raise StagediffError(
             f"latents for prompt {item.prompt!r} seed {item.seed} are missing or corrupt in {plan.store.uri}: "

@@ -16,20 +16,32 @@ import json
 import os
 import struct
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import fsspec
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stagediff import __version__
-from stagediff.errors import CorruptArtifact, StagediffError
+from stagediff.errors import CorruptArtifact, StagediffError, one_line
 
 KEY_METADATA = "stagediff.key"
 INPUTS_METADATA = "stagediff.inputs"
 CHECKSUM_METADATA = "stagediff.checksum"
 VERSION_METADATA = "stagediff.version"
+LEFTOVER_PREFIX = ".tmp-"
+"""Files being written are staged under this prefix beside their final name (local stores), or in the
+local temporary folder under `LOCAL_TEMP_PREFIXES` (object stores); readers never look at them."""
+LOCAL_TEMP_PREFIXES = ("stagediff-upload-", "stagediff-download-")
+LEFTOVER_AGE_SECONDS = 3600
+"""A staged file this old belongs to a writer that died: no write takes an hour."""
+SUMMARY_PREFIX = "stagediff-"
+"""Object-store metadata of every upload: its summary (key, checksum, ...) and its size in bytes, so that
+a listing alone tells a complete artifact from a missing or foreign one."""
 
 
 def content_key(inputs: Mapping) -> str:
@@ -83,24 +95,42 @@ class Store:
             self.fs.pipe_file(probe, b"")
             self.fs.rm_file(probe)
         except Exception as error:
-            raise StagediffError(f"store {self.uri} is not writable: {_one_line(error)}") from None
+            raise StagediffError(f"store {self.uri} is not writable: {one_line(error)}") from None
 
     def _check_bucket(self) -> None:
         bucket = self.root.split("/", 1)[0]
         try:
             found = self.fs.exists(bucket)
         except Exception as error:
-            raise StagediffError(f"store {self.uri}: cannot reach bucket {bucket!r}: {_one_line(error)}") from None
+            raise StagediffError(f"store {self.uri}: cannot reach bucket {bucket!r}: {one_line(error)}") from None
         if not found:
             raise StagediffError(f"store {self.uri}: bucket {bucket!r} does not exist or is not visible to these credentials")
 
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
 
-    def remove(self, relative: str) -> None:
-        """Delete an artifact if it is there."""
-        if self.exists(relative):
-            self.fs.rm_file(self.path(relative))
+    def list_folder(self, relative_folder: str) -> dict[str, "Listed"]:
+        """The files of a folder, by name, from one listing (paged by the object store): sizes, and on
+        object stores the summaries their writers recorded. Never reads a body."""
+        if self.is_local:
+            try:
+                entries = list(os.scandir(self.path(relative_folder)))
+            except FileNotFoundError:
+                return {}
+            return {entry.name: Listed(entry.stat().st_size, None) for entry in entries
+                    if entry.is_file() and not entry.name.startswith(LEFTOVER_PREFIX)}
+        try:
+            infos = self.fs.ls(self.path(relative_folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        listed = {}
+        for info in infos:
+            if info.get("type") == "file":
+                recorded = {k.removeprefix(SUMMARY_PREFIX): v for k, v in (info.get("metadata") or {}).items()
+                            if k.startswith(SUMMARY_PREFIX)}
+                complete = recorded.get("bytes") == str(info["size"])
+                listed[info["name"].rsplit("/", 1)[-1]] = Listed(int(info["size"]), recorded if complete else {})
+        return listed
 
     # -- tensors -------------------------------------------------------------------------------
     def write_tensors(self, relative: str, tensors: Mapping[str, torch.Tensor], key: str, inputs: Mapping) -> str:
@@ -113,52 +143,100 @@ class Store:
             VERSION_METADATA: __version__,
         }
         # Serialised straight to a file, never as one more in-memory copy of the tensors.
-        with self._staged_file(relative) as staged:
+        summary = {"key": key, "checksum": metadata[CHECKSUM_METADATA]}
+        with self._staged_file(relative, summary) as staged:
             save_file(tensors, staged, metadata=metadata)
         return self.uri_of(relative)
 
-    def read_tensors(self, relative: str, key: str) -> dict[str, torch.Tensor]:
-        """Read and verify tensors; raise CorruptArtifact if they do not parse or match key/checksum."""
-        try:
-            with self._local_copy(relative) as local:
-                metadata = read_safetensors_header(local)
+    def read_artifact(self, relative: str, key: str) -> "Artifact":
+        """Read and verify tensors with their metadata. Raises CorruptArtifact if they do not parse or
+        match key/checksum, FileNotFoundError if absent; I/O errors propagate as they are (transient:
+        the caller retries, nothing is recomputed)."""
+        with self._local_copy(relative) as local:
+            metadata = read_safetensors_header(local, uri=self.uri_of(relative))
+            try:
                 tensors = load_file(local)
-        except FileNotFoundError:
-            raise
-        except Exception as error:
-            raise CorruptArtifact(f"corrupt artifact {self.uri_of(relative)}: {_one_line(error)}") from None
+            except SafetensorError as error:
+                raise CorruptArtifact(f"corrupt artifact {self.uri_of(relative)}: {one_line(error)}") from None
         if metadata.get(KEY_METADATA) != key:
             raise CorruptArtifact(f"artifact {self.uri_of(relative)} does not match its key {key}")
         if metadata.get(CHECKSUM_METADATA) != tensor_checksum(tensors):
             raise CorruptArtifact(f"artifact {self.uri_of(relative)} fails its checksum")
-        return tensors
+        return Artifact(tensors, metadata)
+
+    def read_tensors(self, relative: str, key: str) -> dict[str, torch.Tensor]:
+        """Read and verify tensors (see `read_artifact`)."""
+        return self.read_artifact(relative, key).tensors
 
     def read_metadata(self, relative: str) -> dict[str, str]:
         """The safetensors metadata of a stored artifact (key, inputs, checksum, version)."""
         with self._local_copy(relative) as local:
-            return read_safetensors_header(local)
+            return read_safetensors_header(local, uri=self.uri_of(relative))
 
     def has_valid_tensors(self, relative: str, key: str) -> bool:
         """True when the artifact exists and verifies; a corrupt one is reported and counts as missing."""
-        if not self.exists(relative):
-            return False
         try:
             self.read_tensors(relative, key)
+        except FileNotFoundError:
+            return False
         except CorruptArtifact as error:
             print(f"stagediff: {error}; recomputing it")
             return False
         return True
 
+    def leftovers(self, relative_folder: str, older_than: float = LEFTOVER_AGE_SECONDS) -> list[str]:
+        """Files that writers killed mid-write left below a folder of a local store (and in the local
+        temporary folder), once they are `older_than` seconds old (younger ones may be being written)."""
+        candidates = []
+        if self.is_local:
+            for folder, _, names in os.walk(self.path(relative_folder)):
+                candidates += [os.path.join(folder, name) for name in names if name.startswith(LEFTOVER_PREFIX)]
+        candidates += [entry.path for entry in os.scandir(tempfile.gettempdir())
+                       if entry.name.startswith(LOCAL_TEMP_PREFIXES)]
+        now = time.time()
+        found = []
+        for path in candidates:
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.isfile(path) and now - os.stat(path).st_mtime >= older_than:
+                    found.append(path)
+        return found
+
+    def remove_leftovers(self, relative_folder: str, older_than: float = LEFTOVER_AGE_SECONDS) -> list[str]:
+        """Delete `leftovers(relative_folder, older_than)`; return what was removed."""
+        removed = []
+        for path in self.leftovers(relative_folder, older_than):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed.append(path)
+        return removed
+
+    def walk(self, relative_folder: str) -> dict[str, "Listed"]:
+        """Every file below a folder (relative path → listing entry), leftovers aside; paged listings."""
+        try:
+            infos = self.fs.find(self.path(relative_folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        root = self.path("")
+        return {
+            path.removeprefix(root): Listed(int(info["size"]), None, _modified(info))
+            for path, info in infos.items()
+            if not path.rsplit("/", 1)[-1].startswith(LEFTOVER_PREFIX)
+        }
+
+    def remove(self, relative: str) -> None:
+        """Delete one file (`stagediff verify --repair`, `stagediff gc`: no stage deletes an artifact)."""
+        self.fs.rm_file(self.path(relative))
+
     # -- bytes ---------------------------------------------------------------------------------
-    def write_bytes(self, relative: str, data: bytes) -> str:
-        """Write atomically (see `_staged_file`)."""
-        with self._staged_file(relative) as staged:
+    def write_bytes(self, relative: str, data: bytes, summary: Mapping[str, str] | None = None) -> str:
+        """Write atomically (see `_staged_file`), with `summary` in the object metadata on object stores."""
+        with self._staged_file(relative, summary or {}) as staged:
             with open(staged, "wb") as file:
                 file.write(data)
         return self.uri_of(relative)
 
     @contextlib.contextmanager
-    def _staged_file(self, relative: str) -> Iterator[str]:
+    def _staged_file(self, relative: str, summary: Mapping[str, str]) -> Iterator[str]:
         """A local file to write; on success it becomes the artifact at once, so readers never see half
         a file. Local stores rename it into place; object stores upload it in one request, and an
         object exists only once its upload completes. Concurrent writers of one key each publish a
@@ -167,16 +245,17 @@ class Store:
         parent, name = final.rsplit("/", 1)
         if self.is_local:
             os.makedirs(parent, exist_ok=True)
-            staged = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+            staged = f"{parent}/{LEFTOVER_PREFIX}{uuid.uuid4().hex}-{name}"
         else:
-            handle, staged = tempfile.mkstemp(suffix=f"-{name}")
+            handle, staged = tempfile.mkstemp(prefix=LOCAL_TEMP_PREFIXES[0], suffix=f"-{name}")
             os.close(handle)
         try:
             yield staged
             if self.is_local:
                 self.fs.mv(staged, final)
             else:
-                self.fs.put_file(staged, final)
+                recorded = {**summary, "bytes": str(os.path.getsize(staged))}
+                self.fs.put_file(staged, final, metadata={SUMMARY_PREFIX + k: v for k, v in recorded.items()})
         finally:
             if os.path.exists(staged):
                 os.remove(staged)
@@ -187,7 +266,7 @@ class Store:
         if self.is_local:
             yield self.path(relative)
             return
-        handle, local = tempfile.mkstemp(suffix="-" + relative.rsplit("/", 1)[-1])
+        handle, local = tempfile.mkstemp(prefix=LOCAL_TEMP_PREFIXES[1], suffix="-" + relative.rsplit("/", 1)[-1])
         os.close(handle)
         try:
             self.fs.get_file(self.path(relative), local)
@@ -202,14 +281,52 @@ class Store:
         return self.write_bytes(relative, json.dumps(value, indent=2).encode())
 
 
-def read_safetensors_header(path: str) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file, read from its JSON header."""
+@dataclass(frozen=True)
+class Listed:
+    """One file as a listing shows it."""
+
+    size: int
+    summary: dict[str, str] | None
+    """What its writer recorded (object stores; empty when absent or for another size); None on local
+    stores, whose files hold it in their headers."""
+    modified: float | None = None
+    """Seconds since the epoch (for `walk`)."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Verified tensors of a stored artifact and its safetensors metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def _modified(info: dict) -> float | None:
+    """The modification time in a listing entry: a number (local files) or a datetime (gcsfs)."""
+    value = info.get("mtime")
+    return value.timestamp() if hasattr(value, "timestamp") else value
+
+
+def read_safetensors_header(path: str, uri: str | None = None) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, read from its JSON header. Raises CorruptArtifact when
+    the header does not parse or the file's size is not the one its header describes (truncated or
+    padded); reads only the header."""
+    where = uri or path
+    size = os.path.getsize(path)
     with open(path, "rb") as file:
-        (header_size,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(header_size))
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise CorruptArtifact(f"corrupt artifact {where}: {size} bytes, shorter than a safetensors header")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > size - 8:
+            raise CorruptArtifact(f"corrupt artifact {where}: header of {header_size} bytes in a {size}-byte file")
+        try:
+            header = json.loads(file.read(header_size))
+            data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                           default=0)
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            raise CorruptArtifact(f"corrupt artifact {where}: unreadable header ({one_line(error)})") from None
+    if 8 + header_size + data_end != size:
+        raise CorruptArtifact(f"corrupt artifact {where}: {size} bytes, its header describes {8 + header_size + data_end}")
     return header.get("__metadata__", {})
 
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

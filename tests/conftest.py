@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+VIRTUAL_DEVICES = "--xla_force_host_platform_device_count"
+if VIRTUAL_DEVICES not in os.environ.get("XLA_FLAGS", ""):
+    # Added to whatever XLA_FLAGS already says: the mesh tests need 8 devices, and must not lose them
+    # (or be skipped) because a user or CI sets other XLA flags.
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {VIRTUAL_DEVICES}=8".strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 if "STAGEDIFF_COMPILE_CACHE" not in os.environ:
@@ -36,3 +40,30 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl(tiny_models) -> Path:
     return tiny_models("sdxl")
+
+
+@pytest.fixture
+def eight_devices():
+    """For tests of meshes: fails (never skips) when JAX does not see 8 devices."""
+    import jax
+
+    assert jax.device_count() >= 8, f"JAX sees {jax.device_count()} devices; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}"
+
+
+@pytest.fixture(scope="session")
+def emulator():
+    """One fake-gcs-server for the session, with bucket `gcs_emulator.BUCKET`, and STORAGE_EMULATOR_HOST
+    pointing at it."""
+    from gcs_emulator import BUCKET, Emulator
+    from stagediff import gcs
+
+    server = Emulator()
+    previous = os.environ.get(gcs.EMULATOR_VARIABLE)
+    os.environ[gcs.EMULATOR_VARIABLE] = server.url
+    gcs.filesystem().mkdir(BUCKET)
+    yield server
+    if previous is None:
+        os.environ.pop(gcs.EMULATOR_VARIABLE)
+    else:
+        os.environ[gcs.EMULATOR_VARIABLE] = previous
+    server.stop()

@@ -12,6 +12,9 @@ import threading
 import time
 from pathlib import Path
 
+BUCKET = "stagediff-test"
+"""The bucket the session's emulator has (fixture `emulator`)."""
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -54,13 +57,15 @@ class Emulator:
 
 
 class FaultyProxy:
-    """Forwards HTTP to `target`, but answers the first `failures` requests with 503 and drops the
-    connection of the one after them."""
+    """Forwards HTTP to `target` and logs each request, but answers the first `failures` requests with
+    503 and drops the connection of the one after them (none with `failures=0`)."""
 
     def __init__(self, target_port: int, failures: int):
         self.remaining_503 = failures
-        self.drop_next = True
+        self.drop_next = failures > 0
         self.served = 0
+        self.log: list[tuple[str, str, int]] = []
+        """(method, path, response body bytes) of every request forwarded."""
         self.lock = threading.Lock()
         proxy = self
 
@@ -93,6 +98,8 @@ class FaultyProxy:
                 upstream.request(self.command, self.path, body=body, headers=headers)
                 response = upstream.getresponse()
                 data = response.read()
+                with proxy.lock:
+                    proxy.log.append((self.command, self.path, len(data)))
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):

@@ -16,10 +16,11 @@ def test_quick_sweep_matches_the_plain_loop_and_renders(tmp_path, monkeypatch):
     row = bench.sweep("sdxl", bench.QUICK["sdxl"], prompts=1, seeds=2)
 
     assert row["images"] == 2 and row["max_pixel_diff"] == 0
+    # Counted as they happen: the pipeline encodes its prompt on every call, stagediff once per prompt.
     assert row["encode_calls"] == {"stagediff": 1, "plain_loop": 2}
     assert row["plain_images_per_s"] > 0 and row["stagediff_images_per_s"] > 0
-    assert row["reuse_ceiling"] > 1  # the loop encodes twice, stagediff once
     assert set(row["stage_seconds"]) == {"encode", "denoise", "decode"}
+    assert all(seconds > 0 for seconds in row["stage_seconds"].values())
 
     report = {"date": "d", "machine": "m", "sweep": [row], "memory": [], "compile": {}, "orchestration": {}, "gpu": {}}
     table = bench.markdown(report)

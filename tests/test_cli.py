@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import one_line_error
+from helpers import one_line_error, snapshot
 from stagediff.cli import main
+from stagediff.confinement import ALLOWED_ROOTS_VARIABLE
 from stagediff.media import read_png_metadata
 
 
@@ -72,16 +73,44 @@ BAD_INPUTS = {
     "empty prompt": (lambda m, t: ["--prompt", "  "], "--prompt '  '"),
     "height not a multiple of the VAE factor": (lambda m, t: ["--height", "100"], "--height 100"),
     "unwritable store": (lambda m, t: ["--store", str(t / "a-file/store")], "a-file/store is not writable"),
+    "run name leaving the store": (lambda m, t: ["--run-name", "../../escape"], "--run-name '../../escape'"),
+    "unknown backend": (lambda m, t: ["--backend", "gpu"], "invalid choice: 'gpu'"),
+    "mesh on the torch backend": (lambda m, t: ["--backend", "torch", "--mesh", "tp=8"], "--mesh tp=8 needs --backend torchax"),
+    "mesh the devices do not fit": (lambda m, t: ["--backend", "torchax", "--mesh", "tp=3"], "needs 3 devices"),
+    "seed range backwards": (lambda m, t: ["--seeds", "9-2"], "--seeds '9-2'"),
+    "seed neither a number nor a range": (lambda m, t: ["--seeds", "0..9"], "--seed '0..9'"),
+    "missing prompt file": (lambda m, t: ["--prompt-file", str(t / "none.txt")], "none.txt: no such file"),
+    "empty prompt file": (lambda m, t: ["--prompt-file", str(t / "a-file")], "holds no prompt"),
+    "prompt file with a bad JSONL line": (lambda m, t: ["--prompt-file", str(t / "bad.jsonl")], "bad.jsonl line 2"),
 }
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
 def test_bad_input_fails_with_one_line_and_no_artifacts(case, tiny_sdxl, tmp_path, folder_without_index, unsupported_model, capsys):
     (tmp_path / "a-file").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a cat"}\n{"text": "a dog"}\n')
     make_args, expected = BAD_INPUTS[case]
     args = _args(tiny_sdxl, tmp_path / "store") + make_args(tiny_sdxl, tmp_path)
+    before = snapshot(tmp_path)
     assert expected in one_line_error(args, capsys)
-    assert not (tmp_path / "store").exists()
+    assert snapshot(tmp_path) == before  # nothing written, in the store or anywhere else
+
+
+@pytest.mark.parametrize("where", ["store", "store-through-dotdot", "manifest", "model"])
+def test_a_worker_with_allowed_roots_refuses_what_lies_outside_them(where, tiny_sdxl, tmp_path, monkeypatch, capsys):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    monkeypatch.setenv(ALLOWED_ROOTS_VARIABLE, f"{allowed},{tiny_sdxl},gs://some-bucket/stagediff")
+    options = {"store": str(allowed / "store"), "manifest": str(allowed / "manifest.json"), "model": str(tiny_sdxl)}
+    outside = {"store": str(tmp_path / "elsewhere"), "store-through-dotdot": f"{allowed}/../elsewhere",
+               "manifest": str(tmp_path / "manifest.json"), "model": str(tmp_path)}
+    options[where.split("-")[0]] = outside[where]
+    args = ["generate", "--prompt", "a cat", "--seed", "0", *(f"--{k}={v}" for k, v in options.items())]
+    before = snapshot(tmp_path)
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert f"{outside[where]} is outside the roots this worker allows" in error and error.count("\n") == 1
+    assert snapshot(tmp_path) == before
 
 
 def test_bad_input_exits_without_traceback(tmp_path):
@@ -169,3 +198,30 @@ def test_cli_options_and_flow_parameters_are_one_table():
         assert names <= set(inspect.signature(flow.fn).parameters)
     sweep_parameters = set(inspect.signature(sweep.fn).parameters)
     assert names - {"seeds"} <= sweep_parameters and "seeds" not in sweep_parameters
+
+
+def test_seed_ranges_and_prompt_files_give_the_items_of_the_flags(tiny_sdxl, tmp_path, emulator):
+    """`--seeds 0-2 --seed 7` and prompt files (text, JSONL with a negative prompt of its own, gs://)
+    plan the same items as the flags they stand for."""
+    from gcs_emulator import BUCKET
+    from stagediff import gcs
+    from stagediff.cli import build_parser
+    from stagediff.options import request_from_options
+    from stagediff.plan import make_plan
+
+    (tmp_path / "prompts.txt").write_text("a red cat\n\n  a blue dog  \n")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a red cat"}\n{"prompt": "a blue dog", "negative_prompt": "blurry"}\n')
+    gcs.filesystem().pipe_file(f"{BUCKET}/prompts.txt", (tmp_path / "prompts.txt").read_bytes())
+
+    def items(*args):
+        options = vars(build_parser().parse_args(["generate", "--model", str(tiny_sdxl), "--store", str(tmp_path), *args]))
+        return [(i.prompt, i.embedding.negative_prompt, i.seed) for i in make_plan(request_from_options(options)).items]
+
+    flags = items("--prompt", "a red cat", "--prompt", "a blue dog", "--seed", "0", "--seed", "1", "--seed", "2", "--seed", "7")
+    assert len(flags) == 8
+    assert items("--prompt-file", str(tmp_path / "prompts.txt"), "--seeds", "0-2", "--seed", "7") == flags
+    assert items("--prompt-file", f"gs://{BUCKET}/prompts.txt", "--seeds", "0-2", "--seeds", "7") == flags
+    assert items("--prompt", "a red cat", "--prompt-file", str(tmp_path / "prompts.txt"), "--seeds", "0-2",
+                 "--seed", "7") == flags  # a prompt given twice is one prompt
+    with_negatives = items("--prompt-file", str(tmp_path / "prompts.jsonl"), "--seeds", "0-2", "--seed", "7")
+    assert [negative for _, negative, _ in with_negatives] == [None] * 4 + ["blurry"] * 4

@@ -6,14 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from gcs_emulator import Emulator, FaultyProxy
+from gcs_emulator import BUCKET, FaultyProxy
 from helpers import run_all_stages
 from stagediff import gcs
 from stagediff.errors import StagediffError
@@ -22,21 +21,6 @@ from stagediff.plan import make_plan
 from stagediff.request import Request
 from stagediff.store import Store, content_key
 
-BUCKET = "stagediff-test"
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    server = Emulator()
-    previous = os.environ.get(gcs.EMULATOR_VARIABLE)
-    os.environ[gcs.EMULATOR_VARIABLE] = server.url
-    gcs.filesystem().mkdir(BUCKET)
-    yield server
-    if previous is None:
-        os.environ.pop(gcs.EMULATOR_VARIABLE)
-    else:
-        os.environ[gcs.EMULATOR_VARIABLE] = previous
-    server.stop()
 
 
 @pytest.fixture
@@ -85,26 +69,41 @@ def test_corrupt_object_is_detected_and_recomputed(tiny_sdxl, store_uri):
     store.read_tensors(item.latents_path, item.latents_key)
 
 
-def test_concurrent_writers_of_one_key_leave_one_valid_artifact(store_uri):
+WRITER = """
+import sys, torch
+from stagediff.store import Store
+uri, value, rounds = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+store = Store(uri)
+for _ in range(rounds):
+    store.write_tensors("latents/shared.safetensors", {"latents": torch.full((256, 1024), value)}, "k", {"same": "key"})
+"""
+
+
+def test_concurrent_writers_of_different_bytes_never_show_a_reader_a_mix(store_uri, emulator):
+    """Two processes publish different bytes under one key again and again while a reader reads: every
+    read is one writer's whole artifact (uploads are atomic), never a mix, never a checksum failure."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    Store(store_uri).write_tensors("latents/shared.safetensors", {"latents": torch.full((256, 1024), 1.0)}, "k", {"same": "key"})
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, store_uri, str(value), "6"], env=env) for value in (1.0, 2.0)]
     store = Store(store_uri)
-    tensors = {"latents": torch.arange(256 * 1024, dtype=torch.float32)}
-    key = content_key({"same": "inputs"})
-    errors = []
+    while any(writer.poll() is None for writer in writers):
+        latents = store.read_tensors("latents/shared.safetensors", "k")["latents"]
+        values = set(latents.unique().tolist())
+        assert len(values) == 1 and values <= {1.0, 2.0}, values
+    assert [writer.wait() for writer in writers] == [0, 0]
+    assert store.read_tensors("latents/shared.safetensors", "k")["latents"].unique().tolist()[0] in (1.0, 2.0)
+    assert len(generations(store_uri)) == 1
 
-    def write():
-        try:
-            Store(store_uri).write_tensors("latents/shared.safetensors", tensors, key, {"same": "inputs"})
-        except Exception as error:  # noqa: BLE001 - reported below
-            errors.append(error)
 
-    threads = [threading.Thread(target=write) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
-    assert torch.equal(store.read_tensors("latents/shared.safetensors", key)["latents"], tensors["latents"])
-    assert list(generations(store_uri)) == [f"{store_uri.removeprefix('gs://')}/latents/shared.safetensors"]
+def test_a_mirrored_object_leading_outside_the_model_folder_is_refused(tiny_sdxl, emulator, tmp_path, monkeypatch):
+    monkeypatch.setenv(gcs.MODEL_CACHE_VARIABLE, str(tmp_path / "cache"))
+    fs = gcs.filesystem()
+    fs.put(str(tiny_sdxl), f"{BUCKET}/models/escaping", recursive=True)
+    fs.pipe_file(f"{BUCKET}/models/escaping/../../escaped.txt", b"written outside the cache")
+    assert f"{BUCKET}/models/escaping/../../escaped.txt" in fs.find(f"{BUCKET}/models/escaping")
+    with pytest.raises(StagediffError, match="leads outside the model folder"):
+        gcs.mirror_folder(f"gs://{BUCKET}/models/escaping")
+    assert not list(tmp_path.rglob("escaped.txt"))
 
 
 def test_missing_bucket_fails_fast_naming_it(emulator):

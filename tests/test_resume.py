@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 from helpers import run_all_stages, snapshot
+from stagediff import stages
 from stagediff.plan import make_plan
 from stagediff.request import Request
 
@@ -33,7 +36,8 @@ def test_rerun_reuses_every_artifact(tiny_sdxl, tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_deleting_one_latents_file_recomputes_only_that_item_and_its_media(tiny_sdxl, tmp_path):
+def test_deleting_one_latents_file_recomputes_only_those_latents(tiny_sdxl, tmp_path):
+    """The recomputed latents are the same bytes, so the media decoded from them stays valid."""
     request = _request(tiny_sdxl, tmp_path)
     run_all_stages(request)
     victim = make_plan(request).items[2]
@@ -41,9 +45,26 @@ def test_deleting_one_latents_file_recomputes_only_that_item_and_its_media(tiny_
     before = snapshot(tmp_path)
 
     results = run_all_stages(request)
-    assert computed(results) == {"encode": 0, "denoise": 1, "decode": 1}
+    assert computed(results) == {"encode": 0, "denoise": 1, "decode": 0}
     changed = {path for path, mtime in snapshot(tmp_path).items() if before.get(path) != mtime}
-    assert changed == {victim.latents_path, victim.media_path}
+    assert changed == {victim.latents_path}
+
+
+def test_media_decoded_from_other_latents_is_stale_and_decoded_again(tiny_sdxl, tmp_path):
+    """Latents rewritten with other values (another backend, another machine) under the same key make
+    the media decoded from the old ones stale: decode redoes exactly that item, and nothing is deleted."""
+    request = _request(tiny_sdxl, tmp_path)
+    run_all_stages(request)
+    plan = make_plan(request)
+    victim = plan.items[1]
+    latents = plan.store.read_tensors(victim.latents_path, victim.latents_key)["latents"]
+    plan.store.write_tensors(victim.latents_path, {"latents": latents + 0.5}, victim.latents_key, victim.latents_inputs)
+    before = snapshot(tmp_path)
+
+    results = run_all_stages(request)
+    assert computed(results) == {"encode": 0, "denoise": 0, "decode": 1}
+    changed = {path for path, mtime in snapshot(tmp_path).items() if before.get(path) != mtime}
+    assert changed == {victim.media_path}
 
 
 def test_adding_a_seed_encodes_nothing_new(tiny_sdxl, tmp_path):
@@ -60,5 +81,30 @@ def test_corrupt_latents_are_recomputed(tiny_sdxl, tmp_path):
     path.write_bytes(path.read_bytes()[:100])
 
     results = run_all_stages(request)
-    assert computed(results) == {"encode": 0, "denoise": 1, "decode": 1}
+    # The recomputed latents are the bytes the media was decoded from: it stays.
+    assert computed(results) == {"encode": 0, "denoise": 1, "decode": 0}
     make_plan(request).store.read_tensors(item.latents_path, item.latents_key)
+
+
+def test_denoise_never_deletes_media(tiny_sdxl, tmp_path):
+    """Another run reading the manifest may be serving this file: recomputing latents leaves it."""
+    request = _request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",))
+    run_all_stages(request)
+    plan = make_plan(request)
+    item = plan.items[0]
+    Path(tmp_path, item.latents_path).write_bytes(b"garbage")
+    before = snapshot(tmp_path)[item.media_path]
+    assert stages.denoise(plan).computed == 1
+    assert snapshot(tmp_path)[item.media_path] == before
+
+
+def test_a_run_that_writes_removes_what_killed_writers_left(tiny_sdxl, tmp_path):
+    request = _request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",))
+    item = make_plan(request).items[0]
+    leftover = Path(tmp_path, item.latents_path).with_name(".tmp-0f0f-dead.safetensors")
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half written")
+    os.utime(leftover, (time.time() - 7200,) * 2)
+    run_all_stages(request)
+    assert not leftover.exists()
+    assert [p.name for p in leftover.parent.iterdir()] == [Path(item.latents_path).name]

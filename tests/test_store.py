@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
 import subprocess
 import sys
 import textwrap
+import time
 
+import fsspec
+import fsspec.implementations.local
 import pytest
 import torch
 
@@ -101,3 +106,68 @@ def test_unwritable_store_fails_with_one_line(tmp_path):
     with pytest.raises(StagediffError, match=r"store .*a-file/store is not writable") as error:
         Store(str(blocker / "store")).check_writable()
     assert "\n" not in str(error.value)
+
+
+class FlakyFileSystem(fsspec.implementations.local.LocalFileSystem):
+    """A local folder reached like an object store, whose downloads fail while `failing` is set: the
+    network between a worker and its bucket."""
+
+    protocol = ("flaky",)
+    root_marker = "/"
+    failing = False
+
+    def get_file(self, rpath, lpath, **kwargs):
+        if FlakyFileSystem.failing:
+            raise ConnectionResetError("connection reset by peer")
+        return super().get_file(rpath, lpath, **kwargs)
+
+
+fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+
+
+def test_an_io_error_while_reading_is_no_corruption_and_recomputes_nothing(tmp_path, monkeypatch):
+    store = Store(f"flaky://{tmp_path}")
+    key = content_key(INPUTS)
+    store.write_tensors("e.safetensors", {"x": torch.ones(4)}, key, INPUTS)
+    before = (tmp_path / "e.safetensors").read_bytes()
+    monkeypatch.setattr(FlakyFileSystem, "failing", True)
+    with pytest.raises(ConnectionResetError):
+        store.has_valid_tensors("e.safetensors", key)
+    with pytest.raises(ConnectionResetError):
+        store.read_tensors("e.safetensors", key)
+    assert (tmp_path / "e.safetensors").read_bytes() == before
+    monkeypatch.setattr(FlakyFileSystem, "failing", False)
+    assert store.has_valid_tensors("e.safetensors", key)
+
+
+@pytest.mark.parametrize("header_size", [2**62, 10**6])
+def test_a_header_size_beyond_the_file_is_corruption_not_a_huge_read(tmp_path, header_size):
+    store, key, path = _written(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[:8] = struct.pack("<Q", header_size)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifact, match="header of"):
+        store.read_tensors("e.safetensors", key)
+
+
+def test_a_file_longer_than_its_header_describes_is_corrupt(tmp_path):
+    store, key, path = _written(tmp_path)
+    path.write_bytes(path.read_bytes() + b"\0" * 16)
+    with pytest.raises(CorruptArtifact, match="its header describes"):
+        store.read_metadata("e.safetensors")
+
+
+def test_leftovers_of_killed_writers_are_removed_once_old(tmp_path):
+    store = Store(str(tmp_path))
+    folder = tmp_path / "latents/sdxl"
+    folder.mkdir(parents=True)
+    old, fresh = folder / ".tmp-0123-k.safetensors", folder / ".tmp-4567-k.safetensors"
+    old.write_bytes(b"half a file")
+    fresh.write_bytes(b"being written")
+    os.utime(old, (time.time() - 2 * 3600,) * 2)
+    artifact = folder / "k.safetensors"
+    artifact.write_bytes(b"an artifact, however old")
+    os.utime(artifact, (time.time() - 2 * 3600,) * 2)
+    removed = store.remove_leftovers("latents/sdxl")
+    assert str(old) in removed and str(fresh) not in removed
+    assert fresh.exists() and artifact.exists() and not old.exists()

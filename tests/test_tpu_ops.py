@@ -15,12 +15,11 @@ import torch
 from helpers import run_all_stages, stored_item
 from reference import relative_error
 from stagediff.errors import StagediffError
+from stagediff.plan import make_plan
 from stagediff.request import Request
 from tpu_ops.compiled_module import CompiledModule
 from tpu_ops.mesh import MeshError, make_mesh, parse_mesh_spec
 from tpu_ops.sharding import ShardingRuleError, partition_specs
-
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices: XLA_FLAGS")
 
 FAMILY_SIZES = {
     "sdxl": dict(height=64, width=64),
@@ -31,7 +30,7 @@ FAMILY_SIZES = {
 
 @pytest.mark.parametrize("family", FAMILY_SIZES)
 @pytest.mark.parametrize("mesh", ["tp=8", "dp=2,tp=4", "fsdp=8"])
-def test_sharded_denoise_equals_single_device(tiny_models, tmp_path, family, mesh):
+def test_sharded_denoise_equals_single_device(eight_devices, tiny_models, tmp_path, family, mesh):
     model = tiny_models(family)
     base = dict(model=str(model), prompts=["a red cat"], seeds=[0, 1], steps=2, backend="torchax", batch_size=2,
                 **FAMILY_SIZES[family])
@@ -54,7 +53,7 @@ def test_sharded_denoise_equals_single_device(tiny_models, tmp_path, family, mes
         (8, 40 << 30, "tp=8"),  # too big for one chip (FLUX.2-dev on 32 GiB chips)
     ],
 )
-def test_default_mesh_fits_the_model_and_the_batch(batch_size, model_bytes, expected):
+def test_default_mesh_fits_the_model_and_the_batch(eight_devices, batch_size, model_bytes, expected):
     from tpu_ops.mesh import default_mesh_spec
 
     spec = default_mesh_spec(8, batch_size, model_bytes, device_bytes=32 << 30)
@@ -63,7 +62,7 @@ def test_default_mesh_fits_the_model_and_the_batch(batch_size, model_bytes, expe
     assert default_mesh_spec(1, batch_size, model_bytes, device_bytes=32 << 30) is None
 
 
-def test_each_device_holds_only_its_shard():
+def test_each_device_holds_only_its_shard(eight_devices):
     linear = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
     inputs = torch.randn(4, 16)
     with torch.no_grad():
@@ -101,11 +100,12 @@ def test_bad_mesh_specs_fail_clearly(spec):
         make_mesh(spec) if spec else parse_mesh_spec(spec)
 
 
-def test_mesh_needs_the_torchax_backend(tiny_sdxl, tmp_path):
-    request = Request(model=str(tiny_sdxl), prompts=["a cat"], seeds=[0], steps=2, store=str(tmp_path), mesh="tp=8",
-                      backend="torch")
+def test_mesh_needs_the_torchax_backend_before_any_artifact(tiny_sdxl, tmp_path):
+    request = Request(model=str(tiny_sdxl), prompts=["a cat"], seeds=[0], steps=2, store=str(tmp_path / "store"),
+                      mesh="tp=8", backend="torch")
     with pytest.raises(StagediffError, match="needs --backend torchax"):
-        run_all_stages(request)
+        make_plan(request)
+    assert not (tmp_path / "store").exists()
 
 
 def test_a_second_process_compiles_from_the_persistent_cache(tiny_sdxl, tmp_path):
@@ -167,7 +167,7 @@ def test_flash_attention_equals_reference_attention(shape, exp2, k_smoothing):
         ("fsdp=8", (2, 2, 40, 16, 40), (None, None, ("fsdp",))),
     ],
 )
-def test_sharded_flash_attention_splits_the_work_and_equals_reference(mesh, shape, layout):
+def test_sharded_flash_attention_splits_the_work_and_equals_reference(eight_devices, mesh, shape, layout):
     from tpu_ops.attention import AttentionConfig, attention_layout, reference_attention, sharded_flash_attention
 
     batch, heads, q_len, dim, kv_len = shape
@@ -208,7 +208,7 @@ def test_k_smoothing_lowers_bf16_error():
     assert smoothed < plain / 2, (smoothed, plain)
 
 
-def test_torchax_models_run_the_flash_kernel_and_equal_torch(tiny_models, tmp_path):
+def test_torchax_models_run_the_flash_kernel_and_equal_torch(eight_devices, tiny_models, tmp_path):
     """SDXL and Wan on one device, and Wan on a dp=2,tp=4 mesh with its two heads split along the
     sequence (tp does not divide them), all through the interpreted kernel."""
     script = textwrap.dedent(

@@ -1,0 +1,120 @@
+"""Looking after a store: `verify` reads every artifact in full (several at once) and can remove the
+corrupt ones so that they are recomputed; `gc` finds what killed writers left and, when asked, the
+artifacts no run's manifest refers to. Nothing is deleted unless asked; I/O errors are reported, never
+taken for corruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from stagediff.errors import CorruptArtifact, one_line
+from stagediff.manifest import ARTIFACT_FOLDERS, artifact_path
+from stagediff.media import CorruptMedia, verified_media_metadata
+from stagediff.store import LEFTOVER_AGE_SECONDS, Store
+
+TENSOR_FOLDERS = ("embeddings", "latents")
+MEDIA_FOLDER = "media"
+RUNS_FOLDER = "runs"
+VERIFY_THREADS = 8
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    """Artifacts whose reading failed (I/O): not judged, never removed."""
+    removed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GcReport:
+    leftovers: list[str] = field(default_factory=list)
+    unreferenced: list[str] = field(default_factory=list)
+    deleted: bool = False
+
+
+def artifact_paths(store: Store) -> list[str]:
+    """Every artifact of the store (relative paths), from listings."""
+    paths = [path for folder in TENSOR_FOLDERS for path in store.walk(folder) if path.endswith(".safetensors")]
+    paths += [path for path in store.walk(MEDIA_FOLDER) if path.endswith((".png", ".mp4"))]
+    return sorted(paths)
+
+
+def verify(store: Store, repair: bool = False, on_checked: Callable[[str], None] | None = None) -> VerifyReport:
+    """Read every artifact in full: tensors against their key (the file name) and checksum, media by
+    decoding every pixel and frame. With `repair`, remove the corrupt ones (the next run recomputes them)."""
+    report = VerifyReport()
+    paths = artifact_paths(store)
+    with ThreadPoolExecutor(max_workers=VERIFY_THREADS) as pool:
+        for path, problem in zip(paths, pool.map(lambda path: _check(store, path), paths)):
+            report.checked += 1
+            if problem == "corrupt":
+                report.corrupt.append(path)
+            elif problem:
+                report.unreadable.append(f"{path}: {problem}")
+            if on_checked:
+                on_checked(path)
+    if repair:
+        for path in report.corrupt:
+            store.remove(path)
+            report.removed.append(path)
+    return report
+
+
+def _check(store: Store, path: str) -> str | None:
+    """None when the artifact is whole, "corrupt", or the I/O error that kept it from being read."""
+    name = path.rsplit("/", 1)[-1]
+    try:
+        if path.endswith(".safetensors"):
+            store.read_artifact(path, name.removesuffix(".safetensors"))
+        else:
+            verified_media_metadata(name.rsplit(".", 1)[-1], store.read_bytes(path))
+    except (CorruptArtifact, CorruptMedia):
+        return "corrupt"
+    except OSError as error:
+        return one_line(error)
+    return None
+
+
+def garbage(store: Store, unreferenced: bool = False, older_than: float = LEFTOVER_AGE_SECONDS) -> GcReport:
+    """What `gc` would delete: leftovers of killed writers, and (with `unreferenced`) artifacts that no
+    manifest under runs/ refers to, both only once `older_than` seconds old (a batch still running
+    has written no manifest yet)."""
+    folders = (*TENSOR_FOLDERS, MEDIA_FOLDER, RUNS_FOLDER)
+    report = GcReport(leftovers=sorted({path for folder in folders for path in store.leftovers(folder, older_than)}))
+    if unreferenced:
+        referenced = _referenced(store)
+        now = time.time()
+        listed = {**{p: i for f in TENSOR_FOLDERS for p, i in store.walk(f).items()}, **store.walk(MEDIA_FOLDER)}
+        report.unreferenced = sorted(
+            path for path, info in listed.items()
+            if path not in referenced and (info.modified is None or now - info.modified >= older_than)
+        )
+    return report
+
+
+def collect(store: Store, report: GcReport) -> GcReport:
+    """Delete what `garbage` found."""
+    for path in report.leftovers:
+        os.remove(path)
+    for path in report.unreferenced:
+        store.remove(path)
+    report.deleted = True
+    return report
+
+
+def _referenced(store: Store) -> set[str]:
+    """Relative paths of every artifact some run's manifest names."""
+    referenced = set()
+    for path in store.walk(RUNS_FOLDER):
+        if path.endswith("/manifest.json"):
+            manifest = json.loads(store.read_bytes(path))
+            for item in manifest["items"]:
+                referenced |= {artifact_path(item[kind]) for kind in ARTIFACT_FOLDERS}
+    return referenced

@@ -1,0 +1,78 @@
+"""Hugging Face Hub models: a snapshot opened with its configs only, each stage's components fetched
+when the stage loads them, and file identities from the Hub's own content hashes.
+
+Opening a model downloads `model_index.json` and the components' JSON files (configs, tokenizer
+files), enough to plan a request. The listing of the resolved commit (every file's LFS sha256 or git
+blob id, which is also what names the blobs in the local cache) gives each component's identity without
+downloading its weights, so a CPU worker that encodes never fetches the transformer and an accelerator
+worker never fetches the text encoders. Only safetensors weights are ever fetched.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from stagediff.errors import StagediffError, one_line
+from stagediff.fingerprints import IGNORED_WEIGHTS, digest_cache_folder, file_digest
+
+CONFIG_PATTERNS = ("model_index.json", "*/*.json")
+
+
+@dataclass(frozen=True)
+class HubSnapshot:
+    repo_id: str
+    revision: str
+    """The commit the snapshot resolved to."""
+    folder: Path
+    file_digests: dict[str, str]
+    """Repository path → `hf:<sha256 or git blob id>`, for every file of the commit."""
+
+    def fetch(self, components: tuple[str, ...]) -> None:
+        """Download the components' files (configs, tokenizer files, safetensors weights) into the snapshot."""
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(self.repo_id, revision=self.revision, allow_patterns=[f"{c}/*" for c in components],
+                              ignore_patterns=list(IGNORED_WEIGHTS))
+        except Exception as error:
+            raise StagediffError(f"model {self.repo_id}@{self.revision[:12]}: downloading {', '.join(components)} "
+                                 f"failed: {one_line(error)}") from None
+
+
+def open_snapshot(repo_id: str) -> HubSnapshot:
+    """The snapshot of `repo_id` (the local cache when offline) with its configs downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(CONFIG_PATTERNS)))
+    except Exception as error:
+        raise StagediffError(f"model not found: {repo_id} (no such folder; Hugging Face download failed: "
+                             f"{one_line(error)})") from None
+    revision = folder.name
+    return HubSnapshot(repo_id, revision, folder, _listing(repo_id, revision, folder))
+
+
+def _listing(repo_id: str, revision: str, folder: Path) -> dict[str, str]:
+    """Path → digest for the commit's files, from the Hub (cached per commit: a commit never changes), or
+    from the blob names of the files in the local snapshot when the Hub cannot be reached."""
+    cached = digest_cache_folder() / "hub" / repo_id.replace("/", "--") / f"{revision}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    try:
+        entries = HfApi().list_repo_tree(repo_id, revision=revision, recursive=True)
+        listing = {entry.path: f"hf:{entry.lfs.sha256 if entry.lfs else entry.blob_id}"
+                   for entry in entries if isinstance(entry, RepoFile)}
+    except Exception:  # offline, or the Hub is down: what the local snapshot holds is all there is
+        return {str(path.relative_to(folder)): file_digest(path) for path in folder.rglob("*") if path.is_file()}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    staged = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}")
+    staged.write_text(json.dumps(listing))
+    staged.replace(cached)
+    return listing
+

@@ -1,0 +1,196 @@
+"""Model identity and loading: keys follow every byte the stages load, model_index.json settings,
+Hugging Face blob hashes; safetensors only; model loads are safe in several threads at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from hub_emulator import HubEmulator
+from stagediff import fingerprints, stages
+from stagediff.errors import StagediffError
+from stagediff.models import open_model
+from stagediff.plan import make_plan
+from stagediff.request import Request
+
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture
+def sdxl_copy(tiny_sdxl, tmp_path, monkeypatch):
+    """A private copy of the tiny SDXL (to edit) and a private digest cache."""
+    monkeypatch.setenv(fingerprints.CACHE_VARIABLE, str(tmp_path / "digests"))
+    return Path(shutil.copytree(tiny_sdxl, tmp_path / "model"))
+
+
+def keys(model: Path, store: Path) -> dict[str, str]:
+    plan = make_plan(Request(model=str(model), prompts=["a red cat"], seeds=[0], store=str(store)))
+    item = plan.items[0]
+    return {"embeddings": item.embedding.key, "latents": item.latents_key, "media": item.media_key}
+
+
+def test_a_byte_changed_in_the_middle_of_a_large_weight_file_changes_the_keys(sdxl_copy, tmp_path):
+    """A fine-tune saved in place: same size, same first and last MiB, other weights."""
+    weights = sdxl_copy / UNET_WEIGHTS
+    assert weights.stat().st_size > 6 * 2**20
+    before = keys(sdxl_copy, tmp_path / "store")
+    with weights.open("r+b") as file:
+        file.seek(weights.stat().st_size // 2)
+        byte = file.read(1)
+        file.seek(-1, os.SEEK_CUR)
+        file.write(bytes([byte[0] ^ 0x01]))
+    after = keys(sdxl_copy, tmp_path / "store")
+    assert after["embeddings"] == before["embeddings"]  # the text encoders did not change
+    assert after["latents"] != before["latents"] and after["media"] != before["media"]
+
+
+def test_model_index_settings_are_part_of_the_embeddings_key(sdxl_copy, tmp_path):
+    """SDXL's `force_zeros_for_empty_prompt` (model_index.json) changes the negative embeddings."""
+    before = keys(sdxl_copy, tmp_path / "store")
+    index_path = sdxl_copy / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["force_zeros_for_empty_prompt"] = not index.get("force_zeros_for_empty_prompt", True)
+    index_path.write_text(json.dumps(index))
+    assert keys(sdxl_copy, tmp_path / "store")["embeddings"] != before["embeddings"]
+
+
+def test_file_digests_are_computed_once_and_again_when_the_file_changes(sdxl_copy, tmp_path):
+    weights = sdxl_copy / UNET_WEIGHTS
+    digest = fingerprints.file_digest(weights)
+    (cached,) = [path for path in (tmp_path / "digests").iterdir() if path.read_text() == digest]
+    fingerprints._memory.clear()
+    cached.write_text("sha256:from-the-cache")  # a cached digest is trusted: the file is not read again
+    assert fingerprints.file_digest(weights) == "sha256:from-the-cache"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1000))
+    assert fingerprints.file_digest(weights) == digest  # another mtime: hashed again
+
+
+def test_large_files_hash_every_chunk(tmp_path, monkeypatch):
+    monkeypatch.setattr(fingerprints, "CHUNK_BYTES", 1024)
+    monkeypatch.setenv(fingerprints.CACHE_VARIABLE, str(tmp_path / "digests"))
+    data = bytearray(os.urandom(10_000))
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(data)
+    first = fingerprints.file_digest(path)
+    data[5000] ^= 1
+    path.write_bytes(data)
+    os.utime(path, ns=(0, 12345))
+    assert fingerprints.file_digest(path) != first
+
+
+def test_a_hugging_face_snapshot_is_identified_by_its_blob_names(tiny_sdxl, tmp_path, monkeypatch):
+    """Snapshot files link to blobs named by their content hash: equal names, equal keys, nothing read."""
+    monkeypatch.setenv(fingerprints.CACHE_VARIABLE, str(tmp_path / "digests"))
+    repo = tmp_path / "hub" / "models--org--tiny-sdxl"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    for source in tiny_sdxl.rglob("*"):
+        if source.is_file():
+            blob = repo / "blobs" / fingerprints._hash_file(source, source.stat().st_size).split(":")[1]
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, blob)
+            link = snapshot / source.relative_to(tiny_sdxl)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    weights = snapshot / UNET_WEIGHTS
+    assert fingerprints.file_digest(weights) == f"hf:{Path(os.readlink(weights)).name}"
+    keys(snapshot, tmp_path / "store")
+    assert not (tmp_path / "digests").exists()  # planning hashed no file
+
+
+def test_a_component_with_only_pickled_weights_is_refused(sdxl_copy, tmp_path):
+    (sdxl_copy / UNET_WEIGHTS).rename(sdxl_copy / "unet/diffusion_pytorch_model.bin")
+    with pytest.raises(StagediffError, match="component 'unet' has weights only as .bin; stagediff loads "
+                                             "safetensors weights only"):
+        keys(sdxl_copy, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_pickled_weights_beside_safetensors_are_in_no_key(sdxl_copy, tmp_path):
+    before = keys(sdxl_copy, tmp_path / "store")
+    (sdxl_copy / "unet/diffusion_pytorch_model.bin").write_bytes(b"never loaded")
+    assert keys(sdxl_copy, tmp_path / "store") == before
+
+
+def test_every_stage_loading_at_once_many_times_leaves_torch_unpatched(tiny_sdxl, tmp_path):
+    """Loads run under process-wide patches of torch (accelerate's `init_empty_weights`): three stages
+    loading in three threads at once must neither fail nor leave torch patched, and every weight is a
+    real tensor equal to a load on its own."""
+    originals = (torch.nn.Module.register_parameter, torch.nn.init.normal_)
+    plan = make_plan(Request(model=str(tiny_sdxl), prompts=["a red cat"], seeds=[0], store=str(tmp_path)))
+    errors = []
+
+    def load(stage, barrier):
+        barrier.wait()
+        try:
+            stages.stage_pipeline(plan, stage)
+        except Exception as error:  # noqa: BLE001 - collected for the assertion
+            errors.append(error)
+
+    for _ in range(12):
+        stages.release()
+        barrier = threading.Barrier(3)
+        threads = [threading.Thread(target=load, args=(stage, barrier)) for stage in (stages.ENCODE, stages.DENOISE, stages.DECODE)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert (torch.nn.Module.register_parameter, torch.nn.init.normal_) == originals
+    unet = stages.stage_pipeline(plan, stages.DENOISE).unet
+    stages.release()
+    alone = stages.stage_pipeline(plan, stages.DENOISE).unet
+    for (name, tensor), (_, expected) in zip(unet.state_dict().items(), alone.state_dict().items()):
+        assert tensor.device.type == "cpu" and torch.equal(tensor, expected), name
+    stages.release()
+
+
+def test_a_model_saved_in_place_is_loaded_again_by_a_warm_stage(sdxl_copy, tmp_path):
+    plan = make_plan(Request(model=str(sdxl_copy), prompts=["a red cat"], seeds=[0], store=str(tmp_path)))
+    first = stages.stage_pipeline(plan, stages.DECODE)
+    assert stages.stage_pipeline(make_plan(plan.request), stages.DECODE) is first
+    config_path = sdxl_copy / "vae/config.json"
+    config_path.write_text(config_path.read_text().replace("{", '{"note": "saved again",', 1))
+    assert stages.stage_pipeline(make_plan(plan.request), stages.DECODE) is not first
+    stages.release()
+
+
+def test_open_model_names_the_family_and_revision(tiny_sdxl):
+    model = open_model(str(tiny_sdxl))
+    assert model.family.name == "sdxl" and model.revision is None
+
+
+def test_each_stage_fetches_only_its_own_components_from_the_hub(tiny_sdxl, tmp_path):
+    """A Hub model (served on loopback): planning downloads configs only, each stage process then
+    downloads its components' safetensors and nothing else (never a pickled `.bin`), and all three
+    agree on the keys (the encode worker's embeddings feed the denoise worker)."""
+    repo = Path(shutil.copytree(tiny_sdxl, tmp_path / "repo"))
+    (repo / "unet/diffusion_pytorch_model.bin").write_bytes(b"a pickle: never fetched")
+    hub = HubEmulator({"org/tiny-sdxl": repo})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "HF_ENDPOINT": hub.url,
+           "HF_HOME": str(tmp_path / "hf"), fingerprints.CACHE_VARIABLE: str(tmp_path / "digests")}
+    fetched = {}
+    try:
+        for stage in ("encode", "denoise", "decode"):
+            before = len(hub.downloads)
+            process = subprocess.run(
+                [sys.executable, "-m", "stagediff.cli", stage, "--model", "org/tiny-sdxl", "--prompt", "a red cat",
+                 "--seed", "0", "--steps", "2", "--store", str(tmp_path / "store")],
+                capture_output=True, text=True, env=env,
+            )
+            assert process.returncode == 0, process.stderr[-2000:]
+            fetched[stage] = {path.removeprefix("org/tiny-sdxl/") for path in hub.downloads[before:]}
+    finally:
+        hub.stop()
+    weights = {stage: {path.split("/")[0] for path in paths if path.endswith(".safetensors")} for stage, paths in fetched.items()}
+    assert weights == {"encode": {"text_encoder", "text_encoder_2"}, "denoise": {"unet"}, "decode": {"vae"}}
+    assert all(path.endswith(".json") for path in fetched["encode"] if "/" in path and path.split("/")[0] in ("unet", "vae"))
+    assert not any(path.endswith(".bin") for paths in fetched.values() for path in paths)
+    assert len(list((tmp_path / "store/media").glob("*.png"))) == 1
