@@ -83,7 +83,8 @@ GENERATION_OPTIONS: tuple[Option, ...] = (
     Option("true_cfg", float, "FLUX.1: true CFG scale, used with a negative prompt (default 1: off)",
            family_option=True),
     Option("cache", str, "step caching for flux1, flux2, flux2-klein, wan: none (exact), fbcache[:THRESHOLD], "
-           "magcache[:THRESHOLD], taylorseer[:INTERVAL]; more parameters as ,NAME=VALUE"),
+           "magcache[:THRESHOLD], taylorseer[:INTERVAL] or taylorseer-attention[:INTERVAL]; more parameters as "
+           ",NAME=VALUE"),
     Option("dtype", str, "weights and activations dtype", choices=DTYPES),
     Option("store", str, "artifact store: a local folder or gs://bucket/prefix"),
     Option("backend", str, "where denoise runs: torchax on TPU by default, torch elsewhere", choices=BACKENDS),
