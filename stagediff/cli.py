@@ -1,4 +1,4 @@
-"""The `stagediff` command: generate, the three stages one at a time, and tiny models."""
+"""The `stagediff` command: generate, the three stages one at a time, cache calibration, and tiny models."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGE_COMMANDS:
         _add_generation_options(commands.add_parser(stage, help=f"run only the {stage} stage"))
 
+    calibrate = commands.add_parser("calibrate-cache", help="compute MagCache's magnitude ratios for a model "
+                                    "(stored in the store, found there by --cache magcache)")
+    _add_generation_options(calibrate)
     status = commands.add_parser("status", help="per stage, what the store holds of a batch (its options) or "
                                  "of a run (--run); reads listings and headers, loads no model")
     _add_generation_options(status, required=False)
@@ -133,6 +136,19 @@ def _stage(args) -> int:
     return 0
 
 
+def _calibrate_cache(args) -> int:
+    from stagediff.cache_calibration import calibrate_magcache
+
+    if args.cache != "none":
+        raise StagediffError(f"calibrate-cache calibrates magcache and takes no --cache (got {args.cache})")
+    plan = _plan(args)
+    plan.store.check_writable()
+    uri, ratios = calibrate_magcache(plan)
+    print("magcache ratios: " + ", ".join(f"{ratio:.5f}" for ratio in ratios))
+    print(uri)
+    return 0
+
+
 def _status(args) -> int:
     if args.run:
         return _status_of_run(args)
@@ -203,8 +219,8 @@ def _gc(args) -> int:
     return 0
 
 
-COMMANDS = {"encode": _stage, "denoise": _stage, "decode": _stage, "status": _status, "verify": _verify, "gc": _gc,
-            "tiny-model": _tiny_model}
+COMMANDS = {"encode": _stage, "denoise": _stage, "decode": _stage, "calibrate-cache": _calibrate_cache,
+            "status": _status, "verify": _verify, "gc": _gc, "tiny-model": _tiny_model}
 
 
 def generate_parameters(args) -> dict:

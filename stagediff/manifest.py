@@ -44,6 +44,7 @@ def manifest_of(plan: Plan) -> dict:
             "fps": plan.settings.fps,
             "dtype": plan.settings.dtype,
             **plan.settings.extras,
+            **({"cache": plan.settings.cache.settings} if plan.settings.cache is not None else {}),
         },
         "items": [
             {

@@ -82,6 +82,9 @@ GENERATION_OPTIONS: tuple[Option, ...] = (
     Option("flow_shift", float, "flow-matching shift (Wan: 3.0 for 480p, 5.0 for 720p)", family_option=True),
     Option("true_cfg", float, "FLUX.1: true CFG scale, used with a negative prompt (default 1: off)",
            family_option=True),
+    Option("cache", str, "step caching for flux1, flux2, flux2-klein, wan: none (exact), fbcache[:THRESHOLD], "
+           "magcache[:THRESHOLD], taylorseer[:INTERVAL] or taylorseer-attention[:INTERVAL]; more parameters as "
+           ",NAME=VALUE"),
     Option("dtype", str, "weights and activations dtype", choices=DTYPES),
     Option("store", str, "artifact store: a local folder or gs://bucket/prefix"),
     Option("backend", str, "where denoise and decode run: torchax on TPU by default, torch elsewhere",

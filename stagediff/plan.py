@@ -11,6 +11,7 @@ from stagediff.errors import StagediffError
 from stagediff.families import FamilyAdapter, Settings
 from stagediff.models import Model, is_hub_id, open_model
 from stagediff.request import Request
+from stagediff.step_cache import resolve_cache
 from stagediff.store import Store, content_key
 
 
@@ -75,7 +76,8 @@ def resolve_settings(request: Request, model: Model) -> Settings:
         if name not in defaults.extras:
             raise StagediffError(f"--{name.replace('_', '-')} is not an option of {family.name} models")
     extras = {**defaults.extras, **given}
-    settings = defaults.replace(dtype=request.dtype, extras=extras, vae_tiling=request.vae_tiling, **chosen)
+    settings = defaults.replace(dtype=request.dtype, extras=extras, vae_tiling=request.vae_tiling,
+                                cache=resolve_cache(request, model), **chosen)
     family.validate(settings, model.config_of)
     return settings
 

@@ -31,6 +31,8 @@ class Request:
     store: str = DEFAULT_STORE
     backend: str = "auto"
     batch_size: int = 1
+    cache: str = "none"
+    """Step caching, `METHOD[:VALUE][,NAME=VALUE...]` (see `stagediff.step_cache`); `none` denoises exactly."""
     mesh: str | None = None
     """Device mesh for the torchax backend, e.g. `dp=2,tp=4` (default: one device, or on a multi-chip
     TPU host `tpu_ops.mesh.default_mesh_spec`)."""
@@ -79,6 +81,9 @@ class Request:
                 raise StagediffError(str(error)) from None
         if not isinstance(self.vae_tiling, bool):
             raise StagediffError(f"--vae-tiling {self.vae_tiling!r} must be true or false")
+        from stagediff.step_cache import parse_cache
+
+        parse_cache(self.cache)
         if self.backend not in BACKENDS:
             raise StagediffError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from stagediff import __version__
+from stagediff import __version__, step_cache
 from stagediff.backends import default_mesh, free_device_bytes, place_pipeline, resolve_backend
 from stagediff.decoding import choose_tile, place_decoder, set_tiling, tiles_used, vae_input_shape
 from stagediff.errors import CorruptArtifact, StagediffError
+from stagediff.families import Settings
 from stagediff.media import CorruptMedia, media_bytes, verified_media_metadata
 from stagediff.plan import Item, Plan
 from stagediff.progress import Progress
@@ -198,15 +199,7 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
         for first in range(0, len(pending), batch_size):
             batch = pending[first : first + batch_size]
             start = time.perf_counter()
-            generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
-            with torch.no_grad():
-                latents = plan.family.denoise(
-                    loaded.pipe,
-                    [embeddings[item.embedding.key] for item in batch],
-                    generators,
-                    plan.settings,
-                    on_step=lambda index, total: progress.step(DENOISE, index, total),
-                )
+            latents = _denoise_batch(plan, loaded.pipe, batch, embeddings, plan.settings, progress)
             for index, item in enumerate(batch):
                 uri = store.write_tensors(
                     item.latents_path, {"latents": latents[index : index + 1]}, item.latents_key, item.latents_inputs
@@ -218,6 +211,29 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
         counting()
     result.computed = len(pending)
     return result
+
+
+def denoise_in_memory(plan: Plan, items: list[Item], settings: Settings) -> torch.Tensor:
+    """Denoise `items` in one call with `settings` (a variant of the plan's, e.g. a calibrating cache) and
+    return their latents without storing them."""
+    embeddings = {item.embedding.key: _read_embeddings(plan, item) for item in items}
+    with _stage_locks[DENOISE]:
+        loaded, _ = _stage_pipeline(plan, DENOISE)
+        return _denoise_batch(plan, loaded.pipe, items, embeddings, settings, Progress())
+
+
+def _denoise_batch(plan: Plan, pipe, batch: list[Item], embeddings: dict, settings: Settings,
+                   progress: Progress) -> torch.Tensor:
+    generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
+    backend = stage_backend(plan, DENOISE)
+    with torch.no_grad(), step_cache.applied(pipe, plan.family.denoiser_component, settings, backend):
+        return plan.family.denoise(
+            pipe,
+            [embeddings[item.embedding.key] for item in batch],
+            generators,
+            settings,
+            on_step=lambda index, total: progress.step(DENOISE, index, total),
+        )
 
 
 def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
@@ -329,6 +345,8 @@ def media_metadata(plan: Plan, item: Item) -> dict:
     if settings.frames is not None:
         metadata.update(frames=settings.frames, fps=settings.fps)
     metadata.update(settings.extras)
+    if settings.cache is not None:
+        metadata["cache"] = settings.cache.settings
     return metadata
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
@@ -66,3 +68,16 @@ def wait_for_state(client, run_id, predicate, timeout=600):
             return run
         time.sleep(1)
     raise AssertionError(f"flow run {run_id} stayed {run.state.name}")
+
+
+def one_line_error(args: list[str], capsys) -> str:
+    """Run the `stagediff` command in-process with `args`; check that it fails with exit code 2 and one
+    error line, and return that line."""
+    from stagediff.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main(args))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("stagediff: error: ") and error.count("\n") == 1, error
+    return error

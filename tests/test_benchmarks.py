@@ -70,7 +70,7 @@ def test_cpu_scaling_section_splits_the_items_over_one_process_per_core(tmp_path
 
 
 def test_decode_section_compares_torchax_with_torch_and_reuses_the_compile_cache(tmp_path, monkeypatch):
-    """Section 8 (`--decode`) backends row here with the tiny model: the same latents decoded by both
+    """Section 9 (`--decode`) backends row here with the tiny model: the same latents decoded by both
     backends, torchax compiled in a first process and loaded from its cache in a second, and its table."""
     monkeypatch.setattr(bench, "WORK", tmp_path)
     row = bench.decode_backends("sdxl", bench.QUICK["sdxl"], items=2)
@@ -80,4 +80,22 @@ def test_decode_section_compares_torchax_with_torch_and_reuses_the_compile_cache
     assert row["cache_hits"] > 0
     table = bench.markdown({"date": "d", "machine": "m",
                             "decode": {"backends": [row], "wan_programs": [], "tiled_memory": []}})
-    assert "## 8." in table and "| sdxl | sdxl (tiny) | 64×64 |" in table
+    assert "## 9." in table and "| sdxl | sdxl (tiny) | 64×64 |" in table
+
+
+def test_step_cache_section_compares_each_setting_with_the_exact_run(tmp_path, monkeypatch):
+    """Section 10 (`--step-cache`) here with tiny Wan: MagCache calibrated first (diffusers ships no Wan
+    ratios), each setting's denoise time and its frames against the exact run's, and its table."""
+    monkeypatch.setattr(bench, "WORK", tmp_path)
+    rows = bench.step_cache("wan", bench.Case("wan", "tiny", 4, 32, 32, 5), ("fbcache:100", "magcache:0"))
+
+    by_setting = {row["cache"]: row for row in rows}
+    assert set(by_setting) == {"fbcache:100", "magcache:0"}
+    assert all(row["speedup"] > 0 and row["wall_speedup"] > 0 and row["exact_cpu_s"] > 0 for row in rows)
+    # A threshold of 100 skips every block but the first after the first step (Wan's 2 tiny blocks: 5 of 8
+    # block runs per pass); 0 skips none (calibrated ratios are not 1).
+    assert by_setting["magcache:0"]["block_work"] == 1 and by_setting["magcache:0"]["psnr_db"] == float("inf")
+    assert by_setting["magcache:0"]["mean_abs_error"] == 0
+    assert by_setting["fbcache:100"]["block_work"] == 5 / 8 and by_setting["fbcache:100"]["mean_abs_error"] > 0
+    table = bench.markdown({"date": "d", "machine": "m", "step_cache": rows})
+    assert "## 10." in table and "| wan | wan (tiny) | 4 | 32×32×5f | `fbcache:100` |" in table

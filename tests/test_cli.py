@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import snapshot
+from helpers import one_line_error, snapshot
 from stagediff.cli import main
 from stagediff.confinement import ALLOWED_ROOTS_VARIABLE
 from stagediff.media import read_png_metadata
@@ -92,12 +92,7 @@ def test_bad_input_fails_with_one_line_and_no_artifacts(case, tiny_sdxl, tmp_pat
     make_args, expected = BAD_INPUTS[case]
     args = _args(tiny_sdxl, tmp_path / "store") + make_args(tiny_sdxl, tmp_path)
     before = snapshot(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        sys.exit(main(args))
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert error.startswith("stagediff: error: ") and error.count("\n") == 1, error
-    assert expected in error
+    assert expected in one_line_error(args, capsys)
     assert snapshot(tmp_path) == before  # nothing written, in the store or anywhere else
 
 

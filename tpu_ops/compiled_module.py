@@ -161,6 +161,14 @@ class CompiledModule:
         """How many distinct input signatures have been compiled so far."""
         return len(self.compiled_signatures)
 
+    @functools.cached_property
+    def regions(self):
+        """This module run region by region, each region a compiled program (`tpu_ops.regions`), so that host
+        code can decide between them; made on first use and kept."""
+        from tpu_ops.regions import RegionCompiledModule
+
+        return RegionCompiledModule(self)
+
     def __call__(self, *args, **kwargs):
         return self._call(args, kwargs, to_host=True)
 

@@ -13,12 +13,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from stagediff.errors import StagediffError
+
+if TYPE_CHECKING:
+    from stagediff.step_cache import StepCache
 
 StepCallback = Callable[[int, int], None]
 """Called as `on_step(step_index, total_steps)` after each denoise step."""
@@ -38,6 +41,8 @@ class Settings:
     extras: dict[str, Any] = field(default_factory=dict)
     vae_tiling: bool = False
     """Decode in tiles even when one piece would fit the device."""
+    cache: "StepCache | None" = None
+    """The step cache (`--cache`), None for exact denoising."""
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -61,6 +66,10 @@ class FamilyAdapter(ABC):
     """False for families whose pipeline takes no negative prompt: asking for one is an error."""
     latents_field: str = "images"
     """The field of the pipeline's output that holds latents with `output_type="latent"`."""
+    step_cache_hooks: bool = True
+    """Whether diffusers has step-cache hooks (`enable_cache`) for this family's denoiser."""
+    unsupported_cache_methods: dict[str, str] = {}
+    """Step-cache methods that cannot run on this family, with the reason."""
 
     @abstractmethod
     def pipeline_class(self) -> type:
@@ -74,6 +83,10 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def default_settings(self, model_index: dict, config_of: Callable[[str], dict]) -> Settings:
         """Defaults as the diffusers pipeline chooses them; `config_of(component)` reads a config."""
+
+    def shipped_magcache_ratios(self) -> list[float] | None:
+        """MagCache's magnitude ratios for this family as diffusers ships them, if it does."""
+        return None
 
     def size_multiple(self, config_of: Callable[[str], dict]) -> int:
         """Height and width must be multiples of this (the VAE factor, times the patch size)."""
@@ -93,7 +106,7 @@ class FamilyAdapter(ABC):
 
     def denoise_settings(self, settings: Settings) -> dict:
         """Settings that change the latent bytes (besides embeddings, seed and dtype)."""
-        return {
+        denoise = {
             "steps": settings.steps,
             "guidance": settings.guidance,
             "height": settings.height,
@@ -101,6 +114,9 @@ class FamilyAdapter(ABC):
             "frames": settings.frames,
             **settings.extras,
         }
+        if settings.cache is not None:
+            denoise["cache"] = settings.cache.settings
+        return denoise
 
     def decode_settings(self, settings: Settings) -> dict:
         """Settings that change the media bytes (besides the latents). Tiling chosen for memory is

@@ -40,6 +40,12 @@ class Flux1(FluxFamily):
     def default_extras(self, model_index, config_of):
         return {"true_cfg": DEFAULT_TRUE_CFG}
 
+    def shipped_magcache_ratios(self):
+        # MagCache's ratios for FLUX.1 (dev and schnell), as diffusers ships them (calibrated on 28 steps).
+        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+        return FLUX_MAG_RATIOS.tolist()
+
     def validate(self, settings, config_of):
         super().validate(settings, config_of)
         true_cfg = settings.extras["true_cfg"]

@@ -26,6 +26,10 @@ NO_GUIDANCE = 1.0
 class Flux2Family(FluxFamily):
     encode_components = ("text_encoder", "tokenizer")
     default_steps = DEFAULT_STEPS
+    unsupported_cache_methods = {
+        "fbcache": "diffusers 0.42's First Block Cache cannot bridge FLUX.2's double-stream first block and its "
+                   "joint text+image single-stream last block (huggingface/diffusers#14280); use magcache or taylorseer",
+    }
     text_encoder_out_layers: tuple[int, ...]
     """The text-encoder layers whose hidden states the pipeline stacks (its default)."""
 

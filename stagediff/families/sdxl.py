@@ -17,6 +17,7 @@ class SDXL(FamilyAdapter):
     denoise_components = ("unet", "scheduler")
     decode_components = ("vae",)
     denoiser_component = "unet"
+    step_cache_hooks = False
 
     def pipeline_class(self):
         from diffusers import StableDiffusionXLPipeline

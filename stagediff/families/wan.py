@@ -3,7 +3,10 @@ scheduler (`flow_shift`), AutoencoderKLWan decoded frame by frame into an MP4.
 
 The pipeline runs the cond and uncond transformer passes one after the other; stagediff runs them as
 one batch of 2 (`PairedGuidanceTransformer`), which the accelerator executes at once and a `dp` mesh
-axis can split; the result equals the pipeline's within float tolerance.
+axis can split; the result equals the pipeline's within float tolerance. Step caches see the pair as one
+call in the "cond" cache context: MagCache and TaylorSeer decide by step alone and treat the pair as two
+items, so this keeps their results; First Block Cache decides from the whole call's activations, so with it
+the passes stay apart, as the pipeline runs them.
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ class Wan(FamilyAdapter):
     denoiser_component = "transformer"
     latents_field = "frames"
     media_extension = "mp4"
+    unsupported_cache_methods = {
+        "taylorseer-attention": "diffusers' TaylorSeer caches modules whose names end in attn, and Wan's blocks name "
+                                "theirs attn1 and attn2, so it would cache nothing; use taylorseer",
+    }
 
     def pipeline_class(self):
         from diffusers import WanPipeline
@@ -102,6 +109,10 @@ class Wan(FamilyAdapter):
         batch = batch_on_device(pipe, embeddings)
         if "flow_shift" in settings.extras:
             pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=settings.extras["flow_shift"])
+        if settings.cache is not None and settings.cache.decides_per_call:
+            # The cache's skip decision must see cond and uncond apart, each in its own cache context, as
+            # the pipeline calls them: a paired call would decide for both at once.
+            return self.call_pipeline(pipe, batch, generators, settings, on_step, num_frames=settings.frames)
         transformer = pipe.transformer
         paired = PairedGuidanceTransformer(transformer, batch["prompt_embeds"], batch["negative_prompt_embeds"])
         object.__setattr__(pipe, "transformer", paired)
