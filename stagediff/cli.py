@@ -59,7 +59,7 @@ def _add_generation_options(parser: argparse.ArgumentParser, required: bool = Tr
         parser.add_argument(
             *option.flags, dest=option.name, type=option.value_type, help=option.help,
             choices=option.choices or None, required=required and option.required,
-            action="append" if option.repeated else "store",
+            action="append" if option.repeated or option.grid else "store",
             **({} if option.required else {"default": None if option.repeated else option.default_value}),
         )
 
