@@ -46,8 +46,7 @@ class LoraFile:
 
     @property
     def name(self) -> str:
-        """A short label: the file name without its suffix."""
-        return self.source.rstrip("/").rsplit("/", 1)[-1].removesuffix(LORA_SUFFIX)
+        return lora_name(self.source)
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,11 @@ class AppliedLora:
 
     def key_entry(self) -> dict:
         return {"lora": self.file.digest, "scale": self.scale}
+
+
+def lora_name(source: str) -> str:
+    """A short label for a LoRA source: its file name without the suffix."""
+    return source.rstrip("/").rsplit("/", 1)[-1].removesuffix(LORA_SUFFIX)
 
 
 _opened: dict[tuple, LoraFile] = {}
