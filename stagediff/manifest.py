@@ -47,8 +47,9 @@ def manifest_of(plan: Plan) -> dict:
     if swept:
         document["grid"] = swept
     if plan.loras:
-        document["loras"] = [{"source": lora.source, "digest": lora.digest, "components": list(lora.components)}
-                             for lora in plan.loras]
+        scales = dict(plan.request.lora_scales)
+        document["loras"] = [{"source": lora.source, "digest": lora.digest, "components": list(lora.components),
+                              "scales": list(scales[lora.source])} for lora in plan.loras]
     document["items"] = [
         {
             "prompt": item.prompt,
