@@ -100,12 +100,13 @@ def resolve_points(request: Request, model: Model, loras: dict[str, LoraFile]) -
     axes.update({name: values_of(value) for name, value in request.extras.items()})
     sources = [source for source, _ in request.lora_scales]
     points = []
-    for values in itertools.product(*axes.values(), *(scales for _, scales in request.lora_scales)):
-        chosen = {name: value for name, value in zip(axes, values) if value is not None}
+    # LoRA scales vary slowest: each LoRA set is fused into a stage's pipeline once per run.
+    for values in itertools.product(*(scales for _, scales in request.lora_scales), *axes.values()):
+        chosen = {name: value for name, value in zip(axes, values[len(sources):]) if value is not None}
         extras = {**defaults.extras, **{name: chosen.pop(name) for name in request.extras if name in chosen}}
         settings = defaults.replace(dtype=request.dtype, extras=extras, **fixed, **chosen)
         family.validate(settings, model.config_of)
-        scales = tuple(zip(sources, values[len(axes):]))
+        scales = tuple(zip(sources, values[: len(sources)]))
         applied = tuple(AppliedLora(loras[source], scale) for source, scale in scales if scale != 0)
         points.append(Point(settings, scales, applied))
     return tuple(points)
