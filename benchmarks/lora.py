@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import socket
@@ -26,10 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("STAGEDIFF_COMPILE_CACHE", tempfile.mkdtemp(prefix="stagediff-lora-bench-"))
 
-from run import RESULTS, WORK, model_folder  # noqa: E402
+from run import WORK, model_folder, save_report  # noqa: E402
 
 SIZE = 128
 LOADS = 3
+ROUNDS = 3
 
 
 def build_lora(model: Path, rank: int) -> Path:
@@ -65,18 +65,27 @@ def load_seconds(plan, loras) -> float:
 
 
 def compiled_steps(request, steps: int) -> dict:
-    """Denoise on torchax: compile time, programs from the persistent cache, and seconds per step of the
-    items after the first."""
+    """Denoise on torchax in a fresh store: compile time, programs from the persistent cache, and the
+    seconds per step of each item after the first."""
     from stagediff import stages
     from stagediff.plan import make_plan
 
+    shutil.rmtree(request.store, ignore_errors=True)
     plan = make_plan(request)
     stages.encode(plan)
     result = stages.denoise(plan)
     stages.release()
-    warm = result.item_seconds[1:]
-    return {"compile_s": result.compile_seconds, "compiles": result.compiles, "from_cache": result.compile_cache_hits,
-            "step_s": statistics.median(warm) / steps}
+    return {"compile_s": result.compile_seconds, "from_cache": result.compile_cache_hits,
+            "step_s": [seconds / steps for seconds in result.item_seconds[1:]]}
+
+
+def alternating(requests: dict, steps: int) -> dict:
+    """`compiled_steps` of each request, in turns for ROUNDS rounds (a shared machine's load drifts; turns
+    spread it over both): the first round's compile, and the median step over all rounds."""
+    rounds = [{name: compiled_steps(request, steps) for name, request in requests.items()} for _ in range(ROUNDS)]
+    return {name: {"compile_s": rounds[0][name]["compile_s"], "from_cache": rounds[0][name]["from_cache"],
+                   "step_s": statistics.median(s for run in rounds for s in run[name]["step_s"])}
+            for name in requests}
 
 
 def main() -> None:
@@ -105,8 +114,9 @@ def main() -> None:
     lora_plan = make_plan(with_lora)
     base_load = load_seconds(make_plan(base), ())
     lora_load = load_seconds(lora_plan, lora_plan.points[0].loras)
-    base_steps = compiled_steps(base.replace(backend="torchax"), args.steps)
-    lora_steps = compiled_steps(with_lora.replace(backend="torchax"), args.steps)
+    measured = alternating({"base": base.replace(backend="torchax"), "lora": with_lora.replace(backend="torchax")},
+                           args.steps)
+    base_steps, lora_steps = measured["base"], measured["lora"]
 
     report = {
         "date": datetime.date.today().isoformat(),
@@ -117,13 +127,7 @@ def main() -> None:
         "torchax": {"base": base_steps, "lora": lora_steps,
                     "step_ratio": lora_steps["step_s"] / base_steps["step_s"]},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"{report['date']}-{socket.gethostname()}-lora"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    stem.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"\nwritten: {stem}.json, {stem}.md")
+    save_report(report, "-lora", markdown(report))
 
 
 def markdown(report: dict) -> str:
@@ -138,7 +142,7 @@ def markdown(report: dict) -> str:
         f"(LoRA load + fuse {load['lora_load_and_fuse']:.2f} s) |",
         f"| torchax compile (programs from the persistent cache) | {steps['base']['compile_s']:.2f} s "
         f"({steps['base']['from_cache']}) | {steps['lora']['compile_s']:.2f} s ({steps['lora']['from_cache']}) |",
-        f"| torchax denoise step (median, after compile) | {steps['base']['step_s']:.3f} s | "
+        f"| torchax denoise step (median of {ROUNDS} alternating runs, after compile) | {steps['base']['step_s']:.3f} s | "
         f"{steps['lora']['step_s']:.3f} s ({steps['step_ratio']:.2f}×) |",
         "",
     ])

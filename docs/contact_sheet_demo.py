@@ -6,6 +6,7 @@ built as tests build theirs, 2 prompts × 2 seeds × scales 0 (the base model), 
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -18,7 +19,8 @@ from lora_files import sdxl_lora  # noqa: E402
 from stagediff.cli import main  # noqa: E402
 from stagediff.tiny import build_tiny_model  # noqa: E402
 
-model = ROOT / "demo-models" / "tiny-sdxl"
+os.chdir(ROOT)
+model = Path("demo-models") / "tiny-sdxl"
 if not (model / "model_index.json").exists():
     build_tiny_model("sdxl", model)
 with tempfile.TemporaryDirectory() as work:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -69,16 +70,8 @@ def manifest_of(plan: Plan) -> dict:
 
 def settings_of(settings: Settings) -> dict:
     """Resolved settings as the manifest records them."""
-    return {
-        "steps": settings.steps,
-        "guidance": settings.guidance,
-        "height": settings.height,
-        "width": settings.width,
-        "frames": settings.frames,
-        "fps": settings.fps,
-        "dtype": settings.dtype,
-        **settings.extras,
-    }
+    fields = dataclasses.asdict(settings)
+    return {**{name: value for name, value in fields.items() if name != "extras"}, **settings.extras}
 
 
 def write_manifest(plan: Plan, run_name: str, copy_to: str | None = None) -> str:
