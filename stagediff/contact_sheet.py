@@ -6,19 +6,26 @@ and its default font."""
 from __future__ import annotations
 
 import io
+import json
 import textwrap
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
+from stagediff.containers import METADATA_KEYWORD, IncompleteFile, file_reader, png_metadata
 from stagediff.loras import lora_name
 from stagediff.manifest import artifact_path
 from stagediff.media import middle_frame
-from stagediff.store import Store
+from stagediff.store import Store, content_key
 
 SHEET_NAME = "contact-sheet.png"
+SHEET_KEY = "contact-sheet-key"
+"""Metadata of a written sheet (PNG chunk; object summary): the content key of what it shows."""
+SHEET_VERSION = 1
+"""Part of that key: a new drawing gives every sheet a new key."""
 CELL_PIXELS = 192
 """Images are scaled down to fit a square of this size."""
 MAX_ROWS = 24
@@ -163,16 +170,50 @@ def render_contact_sheet(runs: Sequence[SheetRun], read: Callable[[str], bytes])
     return sheet
 
 
-def contact_sheet_png(runs: Sequence[SheetRun], read: Callable[[str], bytes]) -> bytes:
+def contact_sheet_png(runs: Sequence[SheetRun], read: Callable[[str], bytes], key: str | None = None) -> bytes:
+    """The sheet as PNG bytes; `key` (what it shows) goes into its stagediff metadata chunk."""
+    info = PngInfo()
+    if key is not None:
+        info.add_text(METADATA_KEYWORD.decode(), json.dumps({SHEET_KEY: key}))
     buffer = io.BytesIO()
-    render_contact_sheet(runs, read).save(buffer, format="PNG", optimize=True)
+    render_contact_sheet(runs, read).save(buffer, format="PNG", optimize=True, pnginfo=info)
     return buffer.getvalue()
 
 
 def write_contact_sheet(store: Store, run_name: str, manifest: dict) -> str:
-    """Write `runs/<run_name>/contact-sheet.png` for a run whose media are in `store`; return its URI."""
-    data = contact_sheet_png([SheetRun(run_name, manifest)], lambda uri: store.read_bytes(artifact_path(uri)))
-    return store.write_bytes(f"runs/{run_name}/{SHEET_NAME}", data)
+    """Write `runs/<run_name>/contact-sheet.png` for a run whose media are in `store`; return its URI. A
+    sheet of the same items (a rerun that found everything done) is copied from the run that drew it,
+    found from one listing: only new sheets read media."""
+    runs = [SheetRun(manifest["model"], manifest)]
+    key = content_key({"sheet": SHEET_VERSION, "model": manifest["model"],
+                       "items": [{**item, "media": artifact_path(item["media"]), "embeddings": None, "latents": None}
+                                 for item in manifest["items"]]})
+    target = f"runs/{run_name}/{SHEET_NAME}"
+    drawn = _sheet_with_key(store, key)
+    if drawn == target:
+        return store.uri_of(target)
+    if drawn is not None:
+        return store.copy(drawn, target)
+    data = contact_sheet_png(runs, lambda uri: store.read_bytes(artifact_path(uri)), key)
+    return store.write_bytes(target, data, {SHEET_KEY: key})
+
+
+def _sheet_with_key(store: Store, key: str) -> str | None:
+    """A run's contact sheet that shows what `key` says, if the store has one."""
+    for path, listed in store.walk("runs").items():
+        if not path.endswith(f"/{SHEET_NAME}"):
+            continue
+        if listed.summary is not None:
+            recorded = listed.summary.get(SHEET_KEY)
+        else:
+            try:
+                with open(store.path(path), "rb") as file:
+                    recorded = png_metadata(file_reader(file), listed.size).get(SHEET_KEY)
+            except (IncompleteFile, ValueError):
+                recorded = None
+        if recorded == key:
+            return path
+    return None
 
 
 def _swept_values(item: dict) -> dict:
@@ -194,8 +235,9 @@ def _image(read: Callable[[str], bytes], uri: str) -> Image.Image | None:
 
 
 def _title(runs: Sequence[SheetRun], layout: Layout) -> str:
-    models = dict.fromkeys(run.manifest.get("model", "") for run in runs)
-    title = " | ".join(run.title for run in runs) + " · " + ", ".join(models)
+    titles = [run.title for run in runs]
+    models = [model for model in dict.fromkeys(run.manifest.get("model", "") for run in runs) if model not in titles]
+    title = " | ".join(titles) + (" · " + ", ".join(models) if models else "")
     rows, columns = layout.left_out
     if rows or columns:
         title += f" (first {len(layout.rows)} prompts and {len(layout.columns)} columns; {rows} prompts and " \
