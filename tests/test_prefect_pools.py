@@ -88,7 +88,7 @@ def test_generate_deployment_runs_each_stage_on_its_pool(stack, client, tiny_sdx
     assert len(list(tmp_path.glob("runs/*/contact-sheet.png"))) == 1
     artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id={"any_": [generate_run.id]}))
     assert {"progress", "table", "markdown"} <= {artifact.type for artifact in artifacts}
-    assert any(artifact.key.startswith("contact-sheet-") for artifact in artifacts)
+    assert any((artifact.key or "").startswith("contact-sheet-") for artifact in artifacts)
     progress = [a for a in artifacts if a.type == "progress"]
     assert progress[0].data == 100.0
 
