@@ -696,11 +696,15 @@ def main() -> None:
         report["orchestration"] = orchestration(pooled=not args.quick)
     if not only:
         report["gpu"] = {"skipped": "quick mode"} if args.quick else gpu(gpu_families)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else "-gpu" if args.gpu_only else f"-{only[2:]}" if only else ""
+    save_report(report, suffix, markdown(report))
+
+
+def save_report(report: dict, suffix: str, table: str) -> None:
+    """Write results/<date>-<host><suffix>.json and .md, and print the table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{report['date']}-{socket.gethostname()}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
     stem.with_suffix(".md").write_text(table)
     print(table)
     print(f"\nwritten: {stem}.json, {stem}.md")

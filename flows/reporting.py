@@ -1,5 +1,5 @@
-"""What a generate run shows in the Prefect UI: a progress artifact, the manifest as a table, and a
-markdown gallery of the finished items."""
+"""What a generate run shows in the Prefect UI: a progress artifact, the manifest as a table, a markdown
+gallery of the finished items, and the run's contact sheet."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from stagediff.contact_sheet import SHEET_NAME, write_contact_sheet
 from stagediff.manifest import manifest_of
 from stagediff.plan import Plan
 
 PREVIEW_ITEMS = 16
 PREVIEW_PIXELS = 256
+SHEET_PREVIEW_PIXELS = 1600
 
 
 class RunProgress:
@@ -49,31 +51,39 @@ def artifact_key(run_name: str, kind: str) -> str:
 
 
 def publish_results(plan: Plan, run_name: str) -> None:
-    """Create the manifest table and the image gallery artifacts of a finished run."""
+    """Write the run's contact sheet; create the manifest table, image gallery and contact sheet artifacts."""
     manifest = manifest_of(plan)
+    sheet_uri = write_contact_sheet(plan.store, run_name, manifest)
     rows = [{"prompt": i["prompt"], "seed": i["seed"], "media": i["media"], "latents": i["latents"]} for i in manifest["items"]]
     create_table_artifact(rows, key=artifact_key(run_name, "manifest"), description=f"{plan.family.name}: {plan.request.model}")
     create_markdown_artifact(gallery_markdown(plan, manifest), key=artifact_key(run_name, "gallery"))
+    sheet = _preview(plan.store.read_bytes(f"runs/{run_name}/{SHEET_NAME}"), SHEET_PREVIEW_PIXELS)
+    create_markdown_artifact(f"# {run_name}\n\n![contact sheet]({sheet})\n\n[{sheet_uri}]({_link(sheet_uri)})",
+                             key=artifact_key(run_name, "contact-sheet"), description="rows: prompts; columns: seeds "
+                             "and swept values")
 
 
 def gallery_markdown(plan: Plan, manifest: dict) -> str:
     """Thumbnails (inline, for the first items of image runs) with links to every media file."""
     lines = [f"# {plan.family.name} · {plan.request.model}", ""]
     for index, item in enumerate(manifest["items"]):
-        caption = f"**{item['prompt']}** · seed {item['seed']}"
+        swept = [f"{name} {item['settings'][name]}" for name in manifest.get("grid", {})]
+        swept += [f"{lora['source']} × {lora['scale']}" for lora in item.get("loras", ())]
+        caption = " · ".join([f"**{item['prompt']}**", f"seed {item['seed']}", *swept])
         media_path = plan.items[index].media_path
         if index < PREVIEW_ITEMS and media_path.endswith(".png"):
-            lines.append(f"![{item['prompt']} seed {item['seed']}]({_thumbnail(plan, media_path)})")
+            lines.append(f"![{item['prompt']} seed {item['seed']}]({_preview(plan.store.read_bytes(media_path), PREVIEW_PIXELS)})")
         lines.append(f"{caption} · [{item['media']}]({_link(item['media'])})")
         lines.append("")
     return "\n".join(lines)
 
 
-def _thumbnail(plan: Plan, media_path: str) -> str:
+def _preview(png: bytes, pixels: int) -> str:
+    """An image scaled down to fit `pixels`, as an inline JPEG."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(plan.store.read_bytes(media_path))) as image:
-        image.thumbnail((PREVIEW_PIXELS, PREVIEW_PIXELS))
+    with Image.open(io.BytesIO(png)) as image:
+        image.thumbnail((pixels, pixels))
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from stagediff import stages
 from stagediff.backends import denoises_on_cpu
+from stagediff.contact_sheet import write_contact_sheet
 from stagediff.inventory import Inventory, plan_state
-from stagediff.manifest import write_manifest
+from stagediff.manifest import manifest_of, write_manifest
 from stagediff.plan import Plan, make_plan
 from stagediff.progress import Progress
 
@@ -46,14 +47,16 @@ def pending_chunks(plan: Plan, prompts_per_chunk: int, inventory: Inventory | No
 
 
 def run_batch(plan: Plan, run_name: str, manifest_copy: str | None = None, progress: Progress | None = None) -> str:
-    """Run every missing stage of the batch and write its manifest; return the manifest's URI."""
+    """Run every missing stage of the batch and write its manifest and contact sheet; return the manifest's URI."""
     progress = progress or Progress()
     chunks = pending_chunks(plan, PROMPTS_PER_CHUNK)
     if chunks and denoises_on_cpu(plan.request.backend):
         _run_one_stage_at_a_time(plan, chunks, progress)
     elif chunks:
         _run_overlapped(chunks, progress)
-    return write_manifest(plan, run_name, manifest_copy)
+    manifest_uri = write_manifest(plan, run_name, manifest_copy)
+    write_contact_sheet(plan.store, run_name, manifest_of(plan))
+    return manifest_uri
 
 
 def _run_one_stage_at_a_time(plan: Plan, chunks: list[Chunk], progress: Progress) -> None:

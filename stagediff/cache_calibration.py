@@ -21,8 +21,10 @@ def calibrate_magcache(plan: Plan) -> tuple[str, list[float]]:
     family = plan.family
     if not family.step_cache_hooks:
         raise StagediffError(f"calibrate-cache: {family.name} models have no step-cache hooks in diffusers")
+    if len(plan.points) > 1:
+        raise StagediffError("calibrate-cache calibrates one setting: give one value of each grid option")
     stages.encode(plan)
-    settings = plan.settings.replace(cache=MagCacheCalibration())
+    settings = plan.points[0].settings.replace(cache=MagCacheCalibration())
     calls = []
     for item in plan.items:
         with captured_calibration() as reported:
@@ -37,8 +39,8 @@ def calibrate_magcache(plan: Plan) -> tuple[str, list[float]]:
         "model": plan.request.model,
         "family": family.name,
         "denoiser": plan.model.fingerprint(family.denoise_components),
-        "steps": plan.settings.steps,
-        "guidance": plan.settings.guidance,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
         "items": [{"prompt": item.prompt, "seed": item.seed} for item in plan.items],
         "calls": len(calls),
         "stagediff_version": __version__,

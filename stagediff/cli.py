@@ -8,7 +8,7 @@ import sys
 import warnings
 
 from stagediff.confinement import check_location, check_run_name
-from stagediff.errors import StagediffError
+from stagediff.errors import StagediffError, one_line
 from stagediff.options import GENERATION_OPTIONS, RUN_OPTIONS, request_from_options
 
 STAGE_COMMANDS = ("encode", "denoise", "decode")
@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--older-than", type=float, default=LEFTOVER_AGE_SECONDS, metavar="SECONDS",
                     help="only files at least this old (default 3600: a batch still running has no manifest yet)")
 
+    sheet = commands.add_parser("contact-sheet", help="one PNG of one or several runs side by side: rows are prompts, "
+                                "columns seeds and swept values")
+    sheet.add_argument("manifests", nargs="+", metavar="MANIFEST", help="a run's manifest.json (local or gs://)")
+    sheet.add_argument("--output", default="contact-sheet.png", help="the PNG to write (default ./contact-sheet.png)")
+
     tiny = commands.add_parser("tiny-model", help="build a tiny random-init model of a family")
     tiny.add_argument("family", help="sdxl, flux1, flux1-schnell, flux2, flux2-klein, flux2-klein-base or wan")
     tiny.add_argument("folder", help="where to write the checkpoint (diffusers layout)")
@@ -66,7 +71,7 @@ def _add_generation_options(parser: argparse.ArgumentParser, required: bool = Tr
         parser.add_argument(
             *option.flags, dest=option.name, type=option.value_type, help=option.help,
             choices=option.choices or None, required=required and option.required,
-            action="append" if option.repeated else "store",
+            action="append" if option.repeated or option.grid else "store",
             **({} if option.required else {"default": None if option.repeated else option.default_value}),
         )
 
@@ -219,8 +224,34 @@ def _gc(args) -> int:
     return 0
 
 
+def _contact_sheet(args) -> int:
+    import json
+
+    from stagediff.contact_sheet import SheetRun, contact_sheet_png
+    from stagediff.gcs import read_location
+
+    check_location("--output", args.output)
+    runs = []
+    for location in args.manifests:
+        check_location("MANIFEST", location)
+        try:
+            manifest = json.loads(read_location(location))
+            manifest["items"]
+        except FileNotFoundError:
+            raise StagediffError(f"manifest {location}: no such file") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise StagediffError(f"manifest {location}: not a run manifest ({one_line(error)})") from None
+        parts = location.rstrip("/").split("/")
+        runs.append(SheetRun(parts[-2] if len(parts) > 1 and parts[-1] == "manifest.json" else parts[-1], manifest))
+    data = contact_sheet_png(runs, read_location)
+    with open(args.output, "wb") as file:
+        file.write(data)
+    print(args.output)
+    return 0
+
+
 COMMANDS = {"encode": _stage, "denoise": _stage, "decode": _stage, "calibrate-cache": _calibrate_cache,
-            "status": _status, "verify": _verify, "gc": _gc, "tiny-model": _tiny_model}
+            "status": _status, "verify": _verify, "gc": _gc, "contact-sheet": _contact_sheet, "tiny-model": _tiny_model}
 
 
 def generate_parameters(args) -> dict:

@@ -21,6 +21,16 @@ class IncompleteFile(ValueError):
     """A file whose structure ends early or does not hold stagediff's metadata."""
 
 
+def file_reader(file) -> Read:
+    """The `Read` of an open binary file."""
+
+    def read(offset: int, length: int) -> bytes:
+        file.seek(offset)
+        return file.read(length)
+
+    return read
+
+
 def png_metadata(read: Read, size: int) -> dict:
     """The metadata of a PNG whose chunks tile the file up to its IEND chunk."""
     if read(0, 8) != PNG_SIGNATURE:

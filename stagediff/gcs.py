@@ -64,8 +64,8 @@ def mirror_folder(uri: str) -> Mirror:
     """Copy a `gs://` folder into the local model cache, fetching only files whose content changed
     (compared by size and the object's md5/crc32c against the last mirror's index)."""
     fs = filesystem()
-    remote = posixpath.normpath(uri.removeprefix("gs://")).strip("/")
-    if remote.startswith("..") or "/" not in remote:
+    remote = _object_path(uri)
+    if "/" not in remote:
         raise StagediffError(f"--model {uri} is not a folder in a bucket (gs://bucket/path/to/model)")
     try:
         listing = fs.find(remote, detail=True)
@@ -73,14 +73,52 @@ def mirror_folder(uri: str) -> Mirror:
         raise StagediffError(f"cannot list model {uri} in bucket {bucket_of(uri)!r}: {one_line(error)}") from None
     if not listing:
         raise StagediffError(f"model not found: {uri} (no objects under it)")
-    names = {path: _relative_object_name(path, remote, uri) for path in listing}
+    objects = {path: (_relative_object_name(path, remote, uri), info) for path, info in listing.items()}
     folder = model_cache_root() / remote
+    return Mirror(folder, _fetch_changed(fs, folder, objects))
+
+
+def mirror_file(uri: str, option: str) -> Path:
+    """The local copy of one `gs://` object in the model cache, fetched again only when it changed."""
+    fs = filesystem()
+    remote = _object_path(uri)
+    try:
+        info = fs.info(remote) if "/" in remote else None
+    except FileNotFoundError:
+        info = None
+    except Exception as error:
+        raise StagediffError(f"{option} {uri}: cannot read it in bucket {bucket_of(uri)!r}: {one_line(error)}") from None
+    if info is None or info.get("type") != "file":
+        raise StagediffError(f"{option} {uri}: no such file")
+    folder, name = model_cache_root() / posixpath.dirname(remote), posixpath.basename(remote)
+    _fetch_changed(fs, folder, {remote: (name, info)})
+    return folder / name
+
+
+def read_location(location: str) -> bytes:
+    """The bytes of a local file or a `gs://` object."""
+    if location.startswith("gs://"):
+        return filesystem().cat_file(location.removeprefix("gs://"))
+    with open(location, "rb") as file:
+        return file.read()
+
+
+def _object_path(uri: str) -> str:
+    """`bucket/path` of a gs:// URI, normalised; a one-line error for one that climbs out of its bucket."""
+    remote = posixpath.normpath(uri.removeprefix("gs://")).strip("/")
+    if remote.startswith(".."):
+        raise StagediffError(f"{uri} is not a path in a bucket")
+    return remote
+
+
+def _fetch_changed(fs, folder: Path, objects: dict[str, tuple[str, dict]]) -> int:
+    """Download each object (remote path → (name under `folder`, listing info)) whose size and checksum
+    differ from those `folder`'s mirror index recorded; return how many were fetched."""
     folder.mkdir(parents=True, exist_ok=True)
     index_path = folder / MIRROR_INDEX
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
     downloaded = 0
-    for path, info in sorted(listing.items()):
-        relative = names[path]
+    for path, (relative, info) in sorted(objects.items()):
         fingerprint = [info.get("size"), info.get("md5Hash") or info.get("crc32c")]
         local = folder / relative
         if index.get(relative) == fingerprint and local.exists():
@@ -92,7 +130,7 @@ def mirror_folder(uri: str) -> Mirror:
         index[relative] = fingerprint
         downloaded += 1
     index_path.write_text(json.dumps(index, indent=1))
-    return Mirror(folder, downloaded)
+    return downloaded
 
 
 def _relative_object_name(path: str, remote: str, uri: str) -> str:

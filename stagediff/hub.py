@@ -42,6 +42,19 @@ class HubSnapshot:
                                  f"failed: {one_line(error)}") from None
 
 
+    def weight_shapes(self, path: str) -> dict[str, tuple[int, ...]]:
+        """Name → shape of the tensors of one safetensors file of the commit, from its header (two small
+        range requests; the weights are not downloaded)."""
+        from huggingface_hub import HfApi
+
+        try:
+            header = HfApi().parse_safetensors_file_metadata(self.repo_id, path, revision=self.revision)
+        except Exception as error:
+            raise StagediffError(f"model {self.repo_id}@{self.revision[:12]}: reading the header of {path} failed: "
+                                 f"{one_line(error)}") from None
+        return {name: tuple(info.shape) for name, info in header.tensors.items()}
+
+
 def open_snapshot(repo_id: str) -> HubSnapshot:
     """The snapshot of `repo_id` (the local cache when offline) with its configs downloaded."""
     from huggingface_hub import snapshot_download

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from stagediff.containers import IncompleteFile, mp4_metadata, png_metadata
+from stagediff.containers import IncompleteFile, file_reader, mp4_metadata, png_metadata
 from stagediff.errors import CorruptArtifact
 from stagediff.manifest import artifact_path
 from stagediff.plan import Plan
@@ -56,7 +56,7 @@ class Inventory:
             read_metadata = png_metadata if relative.endswith(".png") else mp4_metadata
             try:
                 with open(self.store.path(relative), "rb") as file:
-                    recorded = read_metadata(_reader(file), listed.size).get(LATENTS_CHECKSUM)
+                    recorded = read_metadata(file_reader(file), listed.size).get(LATENTS_CHECKSUM)
             except (IncompleteFile, ValueError):
                 return CORRUPT
         return DONE if recorded is not None and recorded == latents_checksum else STALE
@@ -66,14 +66,6 @@ class Inventory:
         if folder not in self._folders:
             self._folders[folder] = self.store.list_folder(folder)
         return self._folders[folder].get(name)
-
-
-def _reader(file):
-    def read(offset: int, length: int) -> bytes:
-        file.seek(offset)
-        return file.read(length)
-
-    return read
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
 from pathlib import Path
 
 from stagediff.confinement import check_location, check_run_name
+from stagediff.families import Settings
 from stagediff.plan import Plan
 
 
@@ -28,36 +30,50 @@ def default_run_name(model: str) -> str:
 
 
 def manifest_of(plan: Plan) -> dict:
-    """The manifest as a dict: model, family and one entry per (prompt, seed) with artifact URIs."""
+    """The manifest as a dict: model, family, the settings every item shares (and the swept ones with their
+    values), and one entry per item with its own settings and artifact URIs."""
     store = plan.store
-    return {
+    per_point = {point: settings_of(point.settings) for point in plan.points}
+    shared = {name: value for name, value in per_point[plan.points[0]].items()
+              if all(settings[name] == value for settings in per_point.values())}
+    swept = {name: list(dict.fromkeys(settings[name] for settings in per_point.values()))
+             for name in per_point[plan.points[0]] if name not in shared}
+    document = {
         "model": plan.request.model,
         "model_revision": plan.model.revision,
         "model_fingerprints": plan.model_fingerprints,
         "family": plan.family.name,
-        "settings": {
-            "steps": plan.settings.steps,
-            "guidance": plan.settings.guidance,
-            "height": plan.settings.height,
-            "width": plan.settings.width,
-            "frames": plan.settings.frames,
-            "fps": plan.settings.fps,
-            "dtype": plan.settings.dtype,
-            **plan.settings.extras,
-            **({"cache": plan.settings.cache.settings} if plan.settings.cache is not None else {}),
-        },
-        "items": [
-            {
-                "prompt": item.prompt,
-                "negative_prompt": item.embedding.negative_prompt,
-                "seed": item.seed,
-                "embeddings": store.uri_of(item.embedding.path),
-                "latents": store.uri_of(item.latents_path),
-                "media": store.uri_of(item.media_path),
-            }
-            for item in plan.items
-        ],
+        "settings": shared,
     }
+    if swept:
+        document["grid"] = swept
+    if plan.loras:
+        scales = dict(plan.request.lora_scales)
+        document["loras"] = [{"source": lora.source, "digest": lora.digest, "components": list(lora.components),
+                              "scales": list(scales[lora.source])} for lora in plan.loras]
+    document["items"] = [
+        {
+            "prompt": item.prompt,
+            "negative_prompt": item.embedding.negative_prompt,
+            "seed": item.seed,
+            "settings": per_point[item.point],
+            **({"loras": [{"source": source, "scale": scale} for source, scale in item.point.lora_scales]}
+               if plan.loras else {}),
+            "embeddings": store.uri_of(item.embedding.path),
+            "latents": store.uri_of(item.latents_path),
+            "media": store.uri_of(item.media_path),
+        }
+        for item in plan.items
+    ]
+    return document
+
+
+def settings_of(settings: Settings) -> dict:
+    """Resolved settings as the manifest records them."""
+    recorded = {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)
+                if field.name not in ("extras", "cache")}
+    cache = {"cache": settings.cache.settings} if settings.cache is not None else {}
+    return {**recorded, **settings.extras, **cache}
 
 
 def write_manifest(plan: Plan, run_name: str, copy_to: str | None = None) -> str:

@@ -93,6 +93,20 @@ def _mp4_metadata(path: str) -> dict:
     raise ValueError("no stagediff metadata in this MP4")
 
 
+def middle_frame(data: bytes) -> np.ndarray:
+    """The middle frame of an MP4, uint8 `[H, W, 3]`."""
+    import imageio.v2 as imageio
+    import imageio_ffmpeg
+
+    with _mp4_file(data) as path:
+        frames, _seconds = imageio_ffmpeg.count_frames_and_secs(path)
+        reader = imageio.get_reader(path, format="FFMPEG")
+        try:
+            return reader.get_data(frames // 2)
+        finally:
+            reader.close()
+
+
 def media_bytes(extension: str, frame_chunks: Iterable[np.ndarray], fps: int | None, metadata: Mapping) -> bytes:
     """Encode decoded frames in the family's media format."""
     if extension == "png":

@@ -67,6 +67,28 @@ class Model:
                 raise StagediffError(f"model {self.reference}: component {component!r} has weights only as "
                                      f"{', '.join(formats)}; stagediff loads safetensors weights only")
 
+    def weight_shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        """Name → shape of every tensor in the component's safetensors files, from their headers only (a hub
+        model's read from the Hub when its weights are not downloaded)."""
+        from safetensors import safe_open
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path in self._component_paths(component):
+            if not path.endswith(".safetensors"):
+                continue
+            local = self.folder / path
+            if not local.is_file() and self.hub:
+                shapes.update(self.hub.weight_shapes(path))
+                continue
+            with safe_open(local, framework="pt") as weights:
+                shapes.update({name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()})
+        return shapes
+
+    def library_of(self, component: str) -> str | None:
+        """The library a component's class comes from (`diffusers`, `transformers`), as model_index.json says."""
+        entry = self.model_index.get(component)
+        return entry[0] if isinstance(entry, list) and entry else None
+
     def _index_entries(self, components: tuple[str, ...]) -> dict:
         return {
             name: value for name, value in self.model_index.items()

@@ -37,6 +37,9 @@ class Option:
     string, a prompt may be an object with its own negative prompt)."""
     extra_flags: tuple[str, ...] = ()
     """More command-line flags for the same option (`--seeds 0-999` beside `--seed 5`)."""
+    grid: bool = False
+    """One value or several: the flag repeats (`--guidance 3 --guidance 5`), the flow parameter takes a
+    number or a list, and a run renders every value."""
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -59,6 +62,8 @@ class Option:
         one = Literal[self.choices] if self.choices else self.parameter_type or self.value_type
         if self.repeated:
             return list[one]
+        if self.grid:
+            return one | list[one] | None
         return one if self.required or self.default_value is not None else one | None
 
 
@@ -73,18 +78,23 @@ GENERATION_OPTIONS: tuple[Option, ...] = (
     Option("seeds", str, "a seed, or an inclusive range of seeds such as 0-999 (repeat for several)",
            repeated=True, parameter_type=int | str, extra_flags=("--seeds",)),
     Option("negative_prompt", str, "negative prompt (default: the pipeline's own)"),
-    Option("steps", int, "denoising steps (default: the family's)"),
-    Option("guidance", float, "guidance scale: CFG or embedded, as the family uses it"),
+    Option("steps", int, "denoising steps (default: the family's); repeat for a grid", grid=True),
+    Option("guidance", float, "guidance scale: CFG or embedded, as the family uses it; repeat for a grid",
+           grid=True),
     Option("height", int, "pixels, a multiple of the VAE factor"),
     Option("width", int, "pixels, a multiple of the VAE factor"),
     Option("frames", int, "video frames (video families)"),
     Option("fps", int, "video frames per second (video families)"),
-    Option("flow_shift", float, "flow-matching shift (Wan: 3.0 for 480p, 5.0 for 720p)", family_option=True),
+    Option("flow_shift", float, "flow-matching shift (Wan: 3.0 for 480p, 5.0 for 720p); repeat for a grid",
+           family_option=True, grid=True),
     Option("true_cfg", float, "FLUX.1: true CFG scale, used with a negative prompt (default 1: off)",
            family_option=True),
     Option("cache", str, "step caching for flux1, flux2, flux2-klein, wan: none (exact), fbcache[:THRESHOLD], "
            "magcache[:THRESHOLD], taylorseer[:INTERVAL] or taylorseer-attention[:INTERVAL]; more parameters as "
            ",NAME=VALUE"),
+    Option("loras", str, "a LoRA, SOURCE[:SCALE] (scale 1 by default): a .safetensors file, a gs:// file, a Hugging "
+           "Face id org/name or hf://org/name/FILE.safetensors; repeat for several LoRAs, and repeat a source with "
+           "other scales for a grid over them", repeated=True, default=(), parameter_type=str | dict[str, str | float]),
     Option("dtype", str, "weights and activations dtype", choices=DTYPES),
     Option("store", str, "artifact store: a local folder or gs://bucket/prefix"),
     Option("backend", str, "where denoise and decode run: torchax on TPU by default, torch elsewhere",
@@ -115,5 +125,6 @@ def request_from_options(values: Mapping[str, Any]) -> Request:
     prompt_file = values.get("prompt_file")
     fields["prompts"] = [*(values.get("prompts") or ()), *(read_prompt_file(prompt_file) if prompt_file else ())]
     fields["seeds"] = expand_seeds(values.get("seeds") or ())
+    fields["loras"] = values.get("loras") or ()
     extras = {o.name: values.get(o.name) for o in GENERATION_OPTIONS if o.family_option}
     return Request(**fields, extras=extras)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -9,26 +10,45 @@ from stagediff.backends import check_placement
 from stagediff.confinement import check_location
 from stagediff.errors import StagediffError
 from stagediff.families import FamilyAdapter, Settings
+from stagediff.loras import AppliedLora, LoraFile, open_lora
 from stagediff.models import Model, is_hub_id, open_model
-from stagediff.request import Request
+from stagediff.request import GRID_FIELDS, Request, values_of
 from stagediff.step_cache import resolve_cache
 from stagediff.store import Store, content_key
+
+FIXED_FIELDS = ("height", "width", "frames", "fps")
+"""Request fields that take one value per run."""
+
+
+@dataclass(frozen=True, eq=False)
+class Point:
+    """One combination of the swept values (the only one when nothing is swept): resolved settings and LoRA
+    scales. Items of one point share a denoise batch."""
+
+    settings: Settings
+    lora_scales: tuple[tuple[str, float], ...]
+    """Every LoRA source of the request with its scale here (0: not applied)."""
+    loras: tuple[AppliedLora, ...]
+    """The LoRAs applied, scale not 0, in the order given."""
 
 
 @dataclass(frozen=True)
 class Embedding:
-    """One distinct (prompt, negative prompt): encoded once, shared by all its seeds."""
+    """One distinct (prompt, negative prompt, text-encoder LoRAs): encoded once, shared by all its seeds."""
 
     prompt: str
     negative_prompt: str | None
     key: str
     inputs: dict
     path: str
+    settings: Settings
+    loras: tuple[AppliedLora, ...] = ()
+    """The LoRAs with text-encoder weights, applied by the encode stage."""
 
 
 @dataclass(frozen=True)
 class Item:
-    """One (prompt, seed): its latents and its media file."""
+    """One (prompt, seed) at one point of the grid: its latents and its media file."""
 
     embedding: Embedding
     seed: int
@@ -37,21 +57,27 @@ class Item:
     latents_path: str
     media_key: str
     media_path: str
+    point: Point
 
     @property
     def prompt(self) -> str:
         return self.embedding.prompt
+
+    @property
+    def settings(self) -> Settings:
+        return self.point.settings
 
 
 @dataclass(frozen=True)
 class Plan:
     request: Request
     model: Model
-    settings: Settings
+    points: tuple[Point, ...]
     embeddings: tuple[Embedding, ...]
     items: tuple[Item, ...]
     model_fingerprints: dict[str, str]
     """Stage name → identity of the model components that stage loads."""
+    loras: tuple[LoraFile, ...] = ()
 
     @property
     def family(self) -> FamilyAdapter:
@@ -62,24 +88,31 @@ class Plan:
         return Store(self.request.store)
 
 
-def resolve_settings(request: Request, model: Model) -> Settings:
-    """The family's defaults overridden by whatever the request sets."""
+def resolve_points(request: Request, model: Model, loras: dict[str, LoraFile]) -> tuple[Point, ...]:
+    """Every combination of the swept values (steps, guidance, family options, LoRA scales), each with the
+    family's defaults filled in for what the request leaves out, and validated."""
     family = model.family
     defaults = family.default_settings(model.model_index, model.config_of)
-    chosen = {
-        name: getattr(request, name)
-        for name in ("steps", "guidance", "height", "width", "frames", "fps")
-        if getattr(request, name) is not None
-    }
-    given = {name: value for name, value in request.extras.items() if value is not None}
-    for name in given:
-        if name not in defaults.extras:
+    for name, value in request.extras.items():
+        if value is not None and name not in defaults.extras:
             raise StagediffError(f"--{name.replace('_', '-')} is not an option of {family.name} models")
-    extras = {**defaults.extras, **given}
-    settings = defaults.replace(dtype=request.dtype, extras=extras, vae_tiling=request.vae_tiling,
-                                cache=resolve_cache(request, model), **chosen)
-    family.validate(settings, model.config_of)
-    return settings
+    fixed = {name: getattr(request, name) for name in FIXED_FIELDS if getattr(request, name) is not None}
+    axes = {name: values_of(getattr(request, name)) for name in GRID_FIELDS}
+    axes.update({name: values_of(value) for name, value in request.extras.items()})
+    sources = [source for source, _ in request.lora_scales]
+    cache = resolve_cache(request, model)
+    points = []
+    # LoRA scales vary slowest: each LoRA set is fused into a stage's pipeline once per run.
+    for values in itertools.product(*(scales for _, scales in request.lora_scales), *axes.values()):
+        chosen = {name: value for name, value in zip(axes, values[len(sources):]) if value is not None}
+        extras = {**defaults.extras, **{name: chosen.pop(name) for name in request.extras if name in chosen}}
+        settings = defaults.replace(dtype=request.dtype, extras=extras, vae_tiling=request.vae_tiling, cache=cache,
+                                    **fixed, **chosen)
+        family.validate(settings, model.config_of)
+        scales = tuple(zip(sources, values[: len(sources)]))
+        applied = tuple(AppliedLora(loras[source], scale) for source, scale in scales if scale != 0)
+        points.append(Point(settings, scales, applied))
+    return tuple(points)
 
 
 def make_plan(request: Request, model: Model | None = None) -> Plan:
@@ -90,7 +123,8 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
     check_placement(request.backend, request.mesh)
     model = model or open_model(request.model)
     family = model.family
-    settings = resolve_settings(request, model)
+    loras = {source: open_lora(source, model) for source, _ in request.lora_scales}
+    points = resolve_points(request, model, loras)
     if request.negative_prompt is not None and not family.uses_negative_prompt:
         raise StagediffError(f"--negative-prompt is not supported by {family.name} models (their pipeline takes none)")
     default_negative = request.negative_prompt if request.negative_prompt is not None else family.default_negative_prompt or None
@@ -106,38 +140,50 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
     items = []
     for prompt, own_negative in request.prompt_pairs:
         negative = own_negative if own_negative is not None else default_negative
-        inputs = {
-            "family": family.name,
-            "model": encoders,
-            "prompt": prompt,
-            "negative_prompt": negative,
-            "dtype": settings.dtype,
-            "encoder": family.encoder_settings(settings),
-        }
-        key = content_key(inputs)
-        embedding = embeddings.setdefault(
-            key, Embedding(prompt, negative, key, inputs, f"embeddings/{family.name}/{key}.safetensors")
-        )
-        for seed in dict.fromkeys(request.seeds):
-            latents_inputs = {
-                "embeddings": key,
-                "model": denoiser,
-                "seed": seed,
+        for point in points:
+            settings = point.settings
+            encode_loras = tuple(lora for lora in point.loras if lora.changes(family.encode_components))
+            inputs = {
+                "family": family.name,
+                "model": encoders,
+                "prompt": prompt,
+                "negative_prompt": negative,
                 "dtype": settings.dtype,
-                "denoise": family.denoise_settings(settings),
+                "encoder": family.encoder_settings(settings),
+                **_lora_inputs(encode_loras),
             }
-            latents_key = content_key(latents_inputs)
-            media_key = content_key({"latents": latents_key, "model": decoder, "decode": family.decode_settings(settings)})
-            items.append(
-                Item(
-                    embedding=embedding,
-                    seed=seed,
-                    latents_key=latents_key,
-                    latents_inputs=latents_inputs,
-                    latents_path=f"latents/{family.name}/{latents_key}.safetensors",
-                    media_key=media_key,
-                    media_path=f"media/{media_key}.{family.media_extension}",
+            key = content_key(inputs)
+            embedding = embeddings.setdefault(key, Embedding(
+                prompt, negative, key, inputs, f"embeddings/{family.name}/{key}.safetensors", settings, encode_loras
+            ))
+            denoise_loras = tuple(lora for lora in point.loras if lora.changes(family.denoise_components))
+            for seed in dict.fromkeys(request.seeds):
+                latents_inputs = {
+                    "embeddings": key,
+                    "model": denoiser,
+                    "seed": seed,
+                    "dtype": settings.dtype,
+                    "denoise": family.denoise_settings(settings),
+                    **_lora_inputs(denoise_loras),
+                }
+                latents_key = content_key(latents_inputs)
+                media_key = content_key({"latents": latents_key, "model": decoder, "decode": family.decode_settings(settings)})
+                items.append(
+                    Item(
+                        embedding=embedding,
+                        seed=seed,
+                        latents_key=latents_key,
+                        latents_inputs=latents_inputs,
+                        latents_path=f"latents/{family.name}/{latents_key}.safetensors",
+                        media_key=media_key,
+                        media_path=f"media/{media_key}.{family.media_extension}",
+                        point=point,
+                    )
                 )
-            )
     fingerprints = {"encode": encoders, "denoise": denoiser, "decode": decoder}
-    return Plan(request, model, settings, tuple(embeddings.values()), tuple(items), fingerprints)
+    return Plan(request, model, points, tuple(embeddings.values()), tuple(items), fingerprints, tuple(loras.values()))
+
+
+def _lora_inputs(loras: tuple[AppliedLora, ...]) -> dict:
+    """The key inputs of the LoRAs a stage applies: none without LoRAs, so keys stay those of the base model."""
+    return {"loras": [lora.key_entry() for lora in loras]} if loras else {}

@@ -42,12 +42,9 @@ def _jsonl_prompt(uri: str, number: int, line: str) -> str | dict:
 
 
 def _read_text(uri: str) -> str:
-    if uri.startswith("gs://"):
-        from stagediff.gcs import filesystem
+    from stagediff.gcs import read_location
 
-        return filesystem().cat_file(uri.removeprefix("gs://")).decode()
-    with open(uri, encoding="utf-8") as file:
-        return file.read()
+    return read_location(uri).decode("utf-8")
 
 
 def expand_seeds(values) -> list[int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +17,7 @@ from stagediff.backends import default_mesh, free_device_bytes, place_pipeline, 
 from stagediff.decoding import choose_tile, place_decoder, set_tiling, tiles_used, vae_input_shape
 from stagediff.errors import CorruptArtifact, StagediffError
 from stagediff.families import Settings
+from stagediff.loras import AppliedLora, fuse_loras
 from stagediff.media import CorruptMedia, media_bytes, verified_media_metadata
 from stagediff.plan import Item, Plan
 from stagediff.progress import Progress
@@ -76,27 +77,30 @@ def stage_backend(plan: Plan, stage: str) -> str:
     return resolve_backend(plan.request.backend)
 
 
-def stage_pipeline(plan: Plan, stage: str):
-    """The stage's pipeline for this plan: only its components loaded, placed on its backend; kept
-    loaded (one per stage) for the next call with the same model files, dtype, backend and mesh."""
-    return _stage_pipeline(plan, stage)[0].pipe
+def stage_pipeline(plan: Plan, stage: str, loras: Sequence[AppliedLora] = ()):
+    """The stage's pipeline for this plan: only its components loaded, with the LoRAs fused that have
+    weights for them, placed on its backend; kept loaded (one per stage) for the next call with the same
+    model files, LoRAs, dtype, backend and mesh."""
+    return _stage_pipeline(plan, stage, loras)[0].pipe
 
 
-def _stage_pipeline(plan: Plan, stage: str) -> tuple[_Loaded, float]:
+def _stage_pipeline(plan: Plan, stage: str, loras: Sequence[AppliedLora] = ()) -> tuple[_Loaded, float]:
     backend = stage_backend(plan, stage)
     components = _components_of(plan, stage)
+    loras = tuple(lora for lora in loras if lora.changes(components))
     mesh = plan.request.mesh
     if stage in _COMPUTED_COMPONENT and mesh is None:
         weights = plan.model.folder / _COMPUTED_COMPONENT[stage](plan.family)
         mesh = default_mesh(backend, plan.request.batch_size, weights)
     # The fingerprint, not the folder: a checkpoint rewritten in place is loaded again.
-    key = (str(plan.model.folder), plan.model.fingerprint(components), plan.settings.dtype, backend, mesh)
+    key = (str(plan.model.folder), plan.model.fingerprint(components), plan.request.dtype, backend, mesh,
+           tuple((lora.file.digest, lora.scale) for lora in loras))
     loaded = _loaded.get(stage)
     if loaded is not None and loaded.key == key:
         return loaded, 0.0
     release(stage)
     start = time.perf_counter()
-    pipe = _load_pipeline(plan, components)
+    pipe = _load_pipeline(plan, components, loras)
     pipe.set_progress_bar_config(disable=True)
     compile_seconds: list[float] = []
     if stage == DENOISE:
@@ -112,16 +116,18 @@ def _stage_pipeline(plan: Plan, stage: str) -> tuple[_Loaded, float]:
     return loaded, time.perf_counter() - start
 
 
-def _load_pipeline(plan: Plan, wanted: tuple[str, ...]):
-    """The family's pipeline with only the `wanted` components loaded (safetensors weights only)."""
+def _load_pipeline(plan: Plan, wanted: tuple[str, ...], loras: Sequence[AppliedLora] = ()):
+    """The family's pipeline with only the `wanted` components loaded (safetensors weights only), the
+    LoRAs fused into them."""
     plan.model.fetch(wanted)
     with _model_loading:
         _quiet_loading()
         own = plan.family.own_components(plan.model.folder, wanted)
         skipped = {name: None for name in plan.model.components() if name not in wanted or name in own}
         pipe = plan.family.pipeline_class().from_pretrained(
-            plan.model.folder, dtype=TORCH_DTYPES[plan.settings.dtype], use_safetensors=True, **skipped
+            plan.model.folder, dtype=TORCH_DTYPES[plan.request.dtype], use_safetensors=True, **skipped
         )
+        fuse_loras(pipe, plan.model, loras, wanted)
     if own:
         pipe.register_modules(**own)
     return pipe
@@ -164,22 +170,26 @@ def encode(plan: Plan, progress: Progress | None = None) -> StageResult:
         return result
     _remove_leftovers(store, [e.path for e in pending])
     with _stage_locks[ENCODE]:
-        loaded, result.load_seconds = _stage_pipeline(plan, ENCODE)
         progress.stage_started(ENCODE, len(pending))
-        for embedding in pending:
-            start = time.perf_counter()
-            with torch.no_grad():
-                tensors = plan.family.encode(loaded.pipe, embedding.prompt, embedding.negative_prompt, plan.settings)
-            uri = store.write_tensors(embedding.path, tensors, embedding.key, embedding.inputs)
-            result.item_seconds.append(time.perf_counter() - start)
-            progress.item_done(ENCODE, uri)
+        for group in _grouped(pending, lambda embedding: embedding.loras):
+            loaded, load_seconds = _stage_pipeline(plan, ENCODE, group[0].loras)
+            result.load_seconds += load_seconds
+            for embedding in group:
+                start = time.perf_counter()
+                with torch.no_grad():
+                    tensors = plan.family.encode(loaded.pipe, embedding.prompt, embedding.negative_prompt,
+                                                 embedding.settings)
+                uri = store.write_tensors(embedding.path, tensors, embedding.key, embedding.inputs)
+                result.item_seconds.append(time.perf_counter() - start)
+                progress.item_done(ENCODE, uri)
         progress.stage_finished(ENCODE)
     result.computed = len(pending)
     return result
 
 
 def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
-    """Write one latents file per (prompt, seed) that lacks a valid one, `batch_size` items per call."""
+    """Write one latents file per (prompt, seed) that lacks a valid one, `batch_size` items of one grid
+    point per call."""
     progress = progress or Progress()
     store = plan.store
     items = plan.items
@@ -192,23 +202,25 @@ def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
     embeddings = {key: _read_embeddings(plan, item) for key, item in first_user.items()}
     _remove_leftovers(store, [item.latents_path for item in pending])
     with _stage_locks[DENOISE]:
-        loaded, result.load_seconds = _stage_pipeline(plan, DENOISE)
-        counting = _count_compiles(loaded, result)
         progress.stage_started(DENOISE, len(pending))
         batch_size = plan.request.batch_size
-        for first in range(0, len(pending), batch_size):
-            batch = pending[first : first + batch_size]
-            start = time.perf_counter()
-            latents = _denoise_batch(plan, loaded.pipe, batch, embeddings, plan.settings, progress)
-            for index, item in enumerate(batch):
-                uri = store.write_tensors(
-                    item.latents_path, {"latents": latents[index : index + 1]}, item.latents_key, item.latents_inputs
-                )
-                progress.item_done(DENOISE, uri)
-            seconds = (time.perf_counter() - start) / len(batch)
-            result.item_seconds.extend([seconds] * len(batch))
+        for group in _grouped(pending, lambda item: item.point):
+            loaded, load_seconds = _stage_pipeline(plan, DENOISE, group[0].point.loras)
+            result.load_seconds += load_seconds
+            counting = _count_compiles(loaded, result)
+            for first in range(0, len(group), batch_size):
+                batch = group[first : first + batch_size]
+                start = time.perf_counter()
+                latents = _denoise_batch(plan, loaded.pipe, batch, embeddings, batch[0].settings, progress)
+                for index, item in enumerate(batch):
+                    uri = store.write_tensors(
+                        item.latents_path, {"latents": latents[index : index + 1]}, item.latents_key, item.latents_inputs
+                    )
+                    progress.item_done(DENOISE, uri)
+                seconds = (time.perf_counter() - start) / len(batch)
+                result.item_seconds.extend([seconds] * len(batch))
+            counting()
         progress.stage_finished(DENOISE)
-        counting()
     result.computed = len(pending)
     return result
 
@@ -218,7 +230,7 @@ def denoise_in_memory(plan: Plan, items: list[Item], settings: Settings) -> torc
     return their latents without storing them."""
     embeddings = {item.embedding.key: _read_embeddings(plan, item) for item in items}
     with _stage_locks[DENOISE]:
-        loaded, _ = _stage_pipeline(plan, DENOISE)
+        loaded, _ = _stage_pipeline(plan, DENOISE, items[0].point.loras)
         return _denoise_batch(plan, loaded.pipe, items, embeddings, settings, Progress())
 
 
@@ -253,25 +265,28 @@ def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
         counting = _count_compiles(loaded, result)
         progress.stage_started(DECODE, len(pending))
         vae = loaded.pipe.vae
+        free_bytes = free_device_bytes(stage_backend(plan, DECODE))
         batch_size = plan.request.batch_size
-        for first in range(0, len(pending), batch_size):
-            batch = pending[first : first + batch_size]
-            start = time.perf_counter()
-            latents = [_read_latents(plan, item) for item in batch]
-            shape = vae_input_shape(vae, len(batch), plan.settings)
-            tile = choose_tile(vae, shape, plan.settings.vae_tiling, free_device_bytes(stage_backend(plan, DECODE)))
-            set_tiling(vae, tile)
-            tiling = {"vae_tile": tile} if tiles_used(vae, shape, tile) else {}
-            with torch.no_grad():
-                chunks = plan.family.decode(loaded.pipe, torch.cat([a.tensors["latents"] for a in latents]), plan.settings)
-                for item, artifact, frames in zip(batch, latents, _per_item(chunks, len(batch))):
-                    checksum = artifact.metadata[CHECKSUM_METADATA]
-                    metadata = {**media_metadata(plan, item), LATENTS_CHECKSUM: checksum, **tiling}
-                    data = media_bytes(extension, frames, plan.settings.fps, metadata)
-                    uri = store.write_bytes(item.media_path, data, {"latents-checksum": checksum})
-                    progress.item_done(DECODE, uri)
-            seconds = (time.perf_counter() - start) / len(batch)
-            result.item_seconds.extend([seconds] * len(batch))
+        for group in _grouped(pending, lambda item: item.point):
+            settings = group[0].settings
+            for first in range(0, len(group), batch_size):
+                batch = group[first : first + batch_size]
+                start = time.perf_counter()
+                latents = [_read_latents(plan, item) for item in batch]
+                shape = vae_input_shape(vae, len(batch), settings)
+                tile = choose_tile(vae, shape, settings.vae_tiling, free_bytes)
+                set_tiling(vae, tile)
+                tiling = {"vae_tile": tile} if tiles_used(vae, shape, tile) else {}
+                with torch.no_grad():
+                    chunks = plan.family.decode(loaded.pipe, torch.cat([a.tensors["latents"] for a in latents]), settings)
+                    for item, artifact, frames in zip(batch, latents, _per_item(chunks, len(batch))):
+                        checksum = artifact.metadata[CHECKSUM_METADATA]
+                        metadata = {**media_metadata(plan, item), LATENTS_CHECKSUM: checksum, **tiling}
+                        data = media_bytes(extension, frames, settings.fps, metadata)
+                        uri = store.write_bytes(item.media_path, data, {"latents-checksum": checksum})
+                        progress.item_done(DECODE, uri)
+                seconds = (time.perf_counter() - start) / len(batch)
+                result.item_seconds.extend([seconds] * len(batch))
         progress.stage_finished(DECODE)
         counting()
     result.computed = len(pending)
@@ -288,16 +303,26 @@ def _per_item(chunks: Iterator[np.ndarray], batch: int) -> list[Iterable[np.ndar
 
 
 def _count_compiles(loaded: _Loaded, result: StageResult):
-    """Start counting the compilations of a stage call; the returned function writes them to `result`."""
+    """Start counting the compilations of one loaded pipeline's use; the returned function adds them to
+    `result`."""
     compiles_before = len(loaded.compile_seconds)
     hits_before = compile_cache.stats.hits
 
     def finish() -> None:
-        result.compile_seconds = sum(loaded.compile_seconds[compiles_before:])
-        result.compiles = len(loaded.compile_seconds) - compiles_before
-        result.compile_cache_hits = compile_cache.stats.hits - hits_before
+        result.compile_seconds += sum(loaded.compile_seconds[compiles_before:])
+        result.compiles += len(loaded.compile_seconds) - compiles_before
+        result.compile_cache_hits += compile_cache.stats.hits - hits_before
 
     return finish
+
+
+def _grouped(pending: list, same: Callable) -> Iterable[list]:
+    """The pending artifacts in groups that share `same(artifact)` (a grid point, LoRAs), in order of
+    first appearance: each group loads its stage pipeline once."""
+    groups: dict = {}
+    for artifact in pending:
+        groups.setdefault(same(artifact), []).append(artifact)
+    return groups.values()
 
 
 def _remove_leftovers(store, paths: list[str]) -> None:
@@ -327,7 +352,7 @@ def _has_valid_media(plan: Plan, item: Item) -> bool:
 
 def media_metadata(plan: Plan, item: Item) -> dict:
     """Generation metadata written into each media file."""
-    settings = plan.settings
+    settings = item.settings
     metadata = {
         "prompt": item.prompt,
         "negative_prompt": item.embedding.negative_prompt,
@@ -347,6 +372,9 @@ def media_metadata(plan: Plan, item: Item) -> dict:
     metadata.update(settings.extras)
     if settings.cache is not None:
         metadata["cache"] = settings.cache.settings
+    if item.point.loras:
+        metadata["loras"] = [{"source": lora.file.source, "scale": lora.scale, "digest": lora.file.digest}
+                             for lora in item.point.loras]
     return metadata
 
 

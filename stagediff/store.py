@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -123,14 +124,8 @@ class Store:
             infos = self.fs.ls(self.path(relative_folder), detail=True)
         except FileNotFoundError:
             return {}
-        listed = {}
-        for info in infos:
-            if info.get("type") == "file":
-                recorded = {k.removeprefix(SUMMARY_PREFIX): v for k, v in (info.get("metadata") or {}).items()
-                            if k.startswith(SUMMARY_PREFIX)}
-                complete = recorded.get("bytes") == str(info["size"])
-                listed[info["name"].rsplit("/", 1)[-1]] = Listed(int(info["size"]), recorded if complete else {})
-        return listed
+        return {info["name"].rsplit("/", 1)[-1]: Listed(int(info["size"]), _summary(info))
+                for info in infos if info.get("type") == "file"}
 
     # -- tensors -------------------------------------------------------------------------------
     def write_tensors(self, relative: str, tensors: Mapping[str, torch.Tensor], key: str, inputs: Mapping) -> str:
@@ -218,10 +213,19 @@ class Store:
             return {}
         root = self.path("")
         return {
-            path.removeprefix(root): Listed(int(info["size"]), None, _modified(info))
+            path.removeprefix(root): Listed(int(info["size"]), None if self.is_local else _summary(info), _modified(info))
             for path, info in infos.items()
             if not path.rsplit("/", 1)[-1].startswith(LEFTOVER_PREFIX)
         }
+
+    def copy(self, source: str, destination: str) -> str:
+        """Copy a file within the store, atomically (an object store copies it server side, summary included)."""
+        if self.is_local:
+            with self._staged_file(destination, {}) as staged:
+                shutil.copyfile(self.path(source), staged)
+        else:
+            self.fs.cp_file(self.path(source), self.path(destination))
+        return self.uri_of(destination)
 
     def remove(self, relative: str) -> None:
         """Delete one file (`stagediff verify --repair`, `stagediff gc`: no stage deletes an artifact)."""
@@ -299,6 +303,13 @@ class Artifact:
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
+
+
+def _summary(info: dict) -> dict[str, str]:
+    """What an object's writer recorded in its metadata; empty when absent or written for another size."""
+    recorded = {k.removeprefix(SUMMARY_PREFIX): v for k, v in (info.get("metadata") or {}).items()
+                if k.startswith(SUMMARY_PREFIX)}
+    return recorded if recorded.get("bytes") == str(info["size"]) else {}
 
 
 def _modified(info: dict) -> float | None:

@@ -101,3 +101,27 @@ def prefect_client(prefect_stack, monkeypatch):
     with settings.temporary_settings({getattr(settings, name): value for name, value in updates.items()}):
         with get_client(sync_client=True) as client:
             yield client
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny_models, tmp_path_factory):
+    """`tiny_loras("sdxl")` -> a LoRA file for a tiny model, built once per session: `sdxl` (UNet and CLIP-L,
+    diffusers' format), `sdxl-unet` (UNet only), `sdxl-kohya` (kohya's format), `flux1` (transformer only)."""
+    import lora_files
+
+    built: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("tiny-loras")
+    builders = {
+        "sdxl": lambda folder: lora_files.sdxl_lora(tiny_models("sdxl"), folder),
+        "sdxl-unet": lambda folder: lora_files.sdxl_lora(tiny_models("sdxl"), folder, text_encoder=False),
+        "sdxl-kohya": lambda folder: lora_files.sdxl_kohya_lora(tiny_models("sdxl"), folder / "kohya.safetensors"),
+        "flux1": lambda folder: lora_files.flux_lora(tiny_models("flux1"), folder),
+    }
+
+    def get(name: str) -> Path:
+        if name not in built:
+            (root / name).mkdir()
+            built[name] = builders[name](root / name)
+        return built[name]
+
+    return get

@@ -45,8 +45,10 @@ def test_generate_deployment_runs_each_stage_on_its_pool(prefect_stack, prefect_
     assert len(list(tmp_path.glob("embeddings/sdxl/*.safetensors"))) == 2
     assert len(list(tmp_path.glob("latents/sdxl/*.safetensors"))) == 4
     assert len(list(tmp_path.glob("media/*.png"))) == 4
+    assert len(list(tmp_path.glob("runs/*/contact-sheet.png"))) == 1
     artifacts = prefect_client.read_artifacts(flow_run_filter=FlowRunFilter(id={"any_": [generate_run.id]}))
     assert {"progress", "table", "markdown"} <= {artifact.type for artifact in artifacts}
+    assert any((artifact.key or "").startswith("contact-sheet-") for artifact in artifacts)
     progress = [a for a in artifacts if a.type == "progress"]
     assert progress[0].data == 100.0
 
@@ -107,17 +109,26 @@ def test_crashed_run_retried_from_the_ui_redoes_only_missing_items(prefect_stack
     assert all(after[path] == mtime for path, mtime in done_before.items() if path.startswith("latents/"))
 
 
-def test_sweep_is_scheduled_and_a_new_seed_generates_only_its_items(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
+def test_sweep_is_scheduled_and_a_new_seed_generates_only_its_items(prefect_stack, prefect_client, tiny_sdxl, tiny_loras, tmp_path):
     deployment = prefect_client.read_deployment_by_name("sweep/nightly")
     assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * *"
 
+    # A nightly LoRA evaluation: the base model (scale 0) beside the LoRA at 0.8.
+    lora = str(tiny_loras("sdxl"))
     sweep = {"model": str(tiny_sdxl), "prompts": ["a red cat"], "seed_start": 0, "seed_count": 1, "steps": 2,
-             "store": str(tmp_path)}
+             "loras": [{"source": lora, "scale": 0}, {"source": lora, "scale": 0.8}], "store": str(tmp_path),
+             "run_name": "first"}
     assert run_deployment_cli(prefect_stack, "sweep/nightly", sweep).returncode == 0
     first = snapshot(tmp_path)
-    assert run_deployment_cli(prefect_stack, "sweep/nightly", {**sweep, "seed_count": 2}).returncode == 0
+    manifest = json.loads((tmp_path / "runs/first/manifest.json").read_text())
+    assert [(i["seed"], i["loras"][0]["scale"]) for i in manifest["items"]] == [(0, 0.0), (0, 0.8)]
+    assert "runs/first/contact-sheet.png" in first
+    # The LoRA has text-encoder weights: one embedding without it, one with it.
+    assert len([path for path in first if path.startswith("embeddings/")]) == 2
+    assert run_deployment_cli(prefect_stack, "sweep/nightly", {**sweep, "seed_count": 2, "run_name": "second"}).returncode == 0
     second = snapshot(tmp_path)
 
     new = {path for path in second if path not in first and not path.startswith("runs/")}
-    assert {path.split("/")[0] for path in new} == {"latents", "media"} and len(new) == 2
+    assert {path.split("/")[0] for path in new} == {"latents", "media"} and len(new) == 4
     assert all(second[path] == mtime for path, mtime in first.items())
+

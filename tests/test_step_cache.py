@@ -253,7 +253,7 @@ def test_calibrate_cache_stores_the_ratios_diffusers_calibration_reports(tiny_mo
     assert stored["steps"] == STEPS and stored["family"] == family and len(stored["ratios"]) == STEPS
     assert torch.allclose(torch.tensor(stored["ratios"]), torch.tensor(reported).mean(dim=0), rtol=1e-4)
     plan = make_plan(request_for(tiny_models, family, store, cache="magcache"))
-    assert plan.settings.cache.ratios == tuple(stored["ratios"])
+    assert plan.points[0].settings.cache.ratios == tuple(stored["ratios"])
     assert plan.items[0].latents_inputs["denoise"]["cache"]["ratios_from"] == "calibration"
 
 

@@ -36,7 +36,7 @@ def decoded_frames(request: Request, seed: int) -> np.ndarray:
     latents, _ = stored_item(request, request.prompts[0], seed)
     stages.decode(plan)  # loads the decode pipeline
     pipe = stages._loaded[stages.DECODE].pipe
-    return np.concatenate([chunk[0] for chunk in plan.family.decode(pipe, latents, plan.settings)])
+    return np.concatenate([chunk[0] for chunk in plan.family.decode(pipe, latents, plan.items[0].settings)])
 
 
 def luma_psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -91,7 +91,7 @@ def test_flow_shift_option_matches_a_rescheduled_pipeline(tiny_wan, tmp_path):
         pipe.scheduler = original
     latents, _ = stored_item(request, "a cat walks", 3)
     assert relative_error(latents, expected) < 1e-3
-    assert make_plan(request).settings.extras["flow_shift"] == 5.0
+    assert make_plan(request).items[0].settings.extras["flow_shift"] == 5.0
 
 
 def test_one_prompt_three_seeds_encodes_once(tiny_wan, tmp_path):

@@ -75,6 +75,13 @@ class FamilyAdapter(ABC):
     def pipeline_class(self) -> type:
         """The diffusers pipeline class whose components and numerics this family reproduces."""
 
+    def lora_state_dict(self, path: Path, config_of: Callable[[str], dict]) -> tuple[dict, dict | None, dict | None]:
+        """A LoRA file's weights as the pipeline's own loader reads them (kohya and other formats converted,
+        keys prefixed by component), with their network alphas and adapter metadata (safetensors only)."""
+        state_dict, metadata = self.pipeline_class().lora_state_dict(str(path), use_safetensors=True,
+                                                                      return_lora_metadata=True)
+        return state_dict, None, metadata
+
     def own_components(self, folder: Path, names: tuple[str, ...]) -> dict[str, Any]:
         """Components among `names` that this family loads itself rather than through the diffusers
         pipeline's loader (which then skips them); none by default."""

@@ -34,6 +34,12 @@ class Flux1(FluxFamily):
 
         return FluxPipeline
 
+    def lora_state_dict(self, path, config_of):
+        state_dict, alphas, metadata = self.pipeline_class().lora_state_dict(
+            str(path), return_alphas=True, use_safetensors=True, return_lora_metadata=True
+        )
+        return state_dict, alphas or None, metadata
+
     def default_guidance(self, model_index, config_of):
         return DEFAULT_GUIDANCE if config_of("transformer").get("guidance_embeds") else NO_GUIDANCE
 

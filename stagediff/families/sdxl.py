@@ -24,6 +24,13 @@ class SDXL(FamilyAdapter):
 
         return StableDiffusionXLPipeline
 
+    def lora_state_dict(self, path, config_of):
+        from diffusers.configuration_utils import FrozenDict
+
+        # The UNet's config maps kohya's SGM block names onto diffusers' blocks.
+        return self.pipeline_class().lora_state_dict(str(path), unet_config=FrozenDict(config_of("unet")),
+                                                     use_safetensors=True, return_lora_metadata=True)
+
     def default_settings(self, model_index, config_of):
         size = config_of("unet")["sample_size"] * self.size_multiple(config_of)
         return Settings(steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, height=size, width=size)
