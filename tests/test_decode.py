@@ -59,7 +59,7 @@ def assert_same_media(plan_a, plan_b) -> None:
         if item_a.media_path.endswith(".png"):
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
         else:
-            assert a.shape[0] == plan_a.settings.frames
+            assert a.shape[0] == plan_a.items[0].settings.frames
             assert luma_psnr(a, b) >= 35
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from tpu_ops.attention import placed_attention
-from tpu_ops.compiled_module import _to_torch
+from tpu_ops.compiled_module import to_torch
 
 _TENSOR = object()
 """Marks where the tensors go back among a call's flattened arguments."""
@@ -61,15 +61,17 @@ class RegionCompiledModule:
                 module.__dict__.pop("forward", None)
 
     def __call__(self, *args, **kwargs):
+        import torchax.tensor
+
         compiled = self.compiled
         with compiled.env, placed_attention(compiled.attention):
             args, kwargs = compiled.env.to_xla((args, kwargs))
             if compiled.mesh is not None:
-                args, kwargs = pytree.tree_map(compiled._place_input, (args, kwargs))
+                args, kwargs = pytree.tree_map_only(torchax.tensor.Tensor, compiled._place_input, (args, kwargs))
             # Eager, with the placed (possibly sharded) weights in the module for the glue's own uses.
             outputs = compiled.jittable.functional_call(_call, compiled.jittable.params, compiled.jittable.buffers,
                                                         *args, **kwargs)
-            return pytree.tree_map(_to_torch, outputs)
+            return pytree.tree_map(to_torch, outputs)
 
     def run_region(self, name: str, args: tuple, kwargs: dict):
         leaves, spec = pytree.tree_flatten((args, kwargs))
