@@ -256,7 +256,10 @@ COMMANDS = {"encode": _stage, "denoise": _stage, "decode": _stage, "calibrate-ca
 
 def generate_parameters(args) -> dict:
     """The `generate` flow's parameters from the command line (same names, snake_case)."""
-    return {option.name: getattr(args, option.name) for option in GENERATION_OPTIONS + RUN_OPTIONS}
+    values = {option.name: getattr(args, option.name) for option in GENERATION_OPTIONS + RUN_OPTIONS}
+    # Options not given take the flow's defaults; lists, not tuples, as JSON has them.
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()
+            if value is not None}
 
 
 def main(argv: list[str] | None = None, generate=None) -> int:

@@ -34,7 +34,7 @@ def stored_item(request: Request, prompt: str, seed: int):
     item = next(i for i in plan.items if i.prompt == prompt and i.seed == seed)
     latents = plan.store.read_tensors(item.latents_path, item.latents_key)["latents"]
     pixels = None
-    if item.media_path.endswith(".png"):
+    if item.media_path.endswith(".png") and plan.store.exists(item.media_path):
         pixels = np.asarray(Image.open(io.BytesIO(plan.store.read_bytes(item.media_path))).convert("RGB"))
     return latents, pixels
 

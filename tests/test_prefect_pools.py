@@ -4,6 +4,7 @@ worker processes, as they do for users."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from prefect.client.schemas.filters import FlowRunFilter

@@ -176,9 +176,8 @@ def recorded_denoiser_call(model, family, size) -> tuple:
                       store=str(model.parent / f"recorded-{family}"))
     plan = make_plan(request)
     stages.encode(plan)
-    loaded, _ = stages._stage_pipeline(plan, stages.DENOISE, "torch")
     calls = []
-    denoiser = getattr(loaded.pipe, plan.family.denoiser_component)
+    denoiser = getattr(stages.stage_pipeline(plan, stages.DENOISE), plan.family.denoiser_component)
     hook = denoiser.register_forward_pre_hook(lambda module, args, kwargs: calls.append(Flattened.of((args, kwargs))),
                                               with_kwargs=True)
     try:

@@ -76,6 +76,10 @@ class RegionCompiledModule:
     def run_region(self, name: str, args: tuple, kwargs: dict):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        if self.compiled.mesh is not None:
+            # A cache's host code can hand a region tensors it made off the mesh (TaylorSeer's predicted
+            # output lands on one device): put them back where the other inputs are.
+            tensors = [self.compiled._place_input(tensor) for tensor in tensors]
         static = tuple(_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves)
         group = self._groups[name]
         program = self._program(name, group, spec, static)
