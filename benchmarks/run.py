@@ -2,7 +2,7 @@
 reuse, orchestration overhead. Writes benchmarks/results/<date>-<host>.json and .md and prints the table.
 
     python benchmarks/run.py [--quick | --gpu-only [--gpu-families sdxl,flux1,wan] | --real-memory | --cpu-scaling
-                              | --warm | --decode | --step-cache]
+                              | --warm | --decode | --step-cache | --cli]
 """
 
 from __future__ import annotations
@@ -462,9 +462,11 @@ def warm_workers(prompts: int = 12, seeds: int = 2) -> dict:
     }
 
 
-def cli_generate(batch: dict, store: Path) -> tuple[float, float]:
-    """Wall and CPU seconds of `stagediff generate` for the batch, in-process, as a user runs it."""
-    shutil.rmtree(store, ignore_errors=True)
+def cli_generate(batch: dict, store: Path, fresh: bool = True) -> tuple[float, float]:
+    """Wall and CPU seconds of `stagediff generate` for the batch, in-process, as a user runs it (in an
+    emptied store unless not `fresh`)."""
+    if fresh:
+        shutil.rmtree(store, ignore_errors=True)
     command = [sys.executable, "-m", "stagediff.cli", "generate", "--model", batch["model"], "--store", str(store),
                "--steps", str(batch["steps"]), "--height", str(batch["height"]), "--width", str(batch["width"])]
     for prompt in batch["prompts"]:
@@ -474,6 +476,37 @@ def cli_generate(batch: dict, store: Path) -> tuple[float, float]:
     start, cpu_before = time.perf_counter(), children_cpu_seconds()
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     return time.perf_counter() - start, children_cpu_seconds() - cpu_before
+
+
+CLI_CASE = Case("sdxl", "small", 10, 256, 256)
+
+
+def cli_end_to_end(prompts: int = 3, seeds: int = 4, case: Case = CLI_CASE) -> dict:
+    """Section 11: `stagediff generate` as a user runs it (a new process: imports, model loads, the three
+    stages) against the plain diffusers loop on the same items, and a no-op rerun of a finished batch of
+    24 items (tiny SDXL, 6 prompts × 4 seeds)."""
+    batch = {"model": model_folder(case.model, case.scale), "prompts": PROMPTS[:prompts],
+             "seeds": list(range(seeds)), **case.arguments()}
+    plain_out = WORK / "plain" / "cli"
+    shutil.rmtree(plain_out, ignore_errors=True)
+    plain = run_workload("plain_loop", {**batch, "dtype": "float32", "out": str(plain_out)})
+    store = WORK / "stores" / "cli"
+    generate_seconds, _ = cli_generate(batch, store)
+    from stagediff.manifest import artifact_path
+
+    (manifest,) = store.glob("runs/*/manifest.json")
+    ours = [store / artifact_path(item["media"]) for item in json.loads(manifest.read_text())["items"]]
+    theirs = [plain_out / f"{p}-{seed}.png" for p in range(prompts) for seed in range(seeds)]
+
+    small = {"model": model_folder("sdxl", "tiny"), "prompts": [f"{PROMPTS[i % 4]}, study {i}" for i in range(6)],
+             "seeds": list(range(4)), "steps": 2, "height": 64, "width": 64}
+    cli_generate(small, WORK / "stores" / "cli-noop")
+    noop_seconds, _ = cli_generate(small, WORK / "stores" / "cli-noop", fresh=False)
+    return {"model": case.label(), "items": prompts * seeds, "steps": case.steps, "size": case.size,
+            "plain_loop_s": plain["seconds"], "stagediff_generate_s": generate_seconds,
+            "ratio": plain["seconds"] / generate_seconds,
+            "max_pixel_diff": max(pixel_diff(str(a), str(b)) for a, b in zip(ours, theirs)),
+            "noop_items": len(small["prompts"]) * len(small["seeds"]), "noop_generate_s": noop_seconds}
 
 
 def alternating_models(stack: Stack) -> dict:
@@ -540,6 +573,8 @@ def markdown(report: dict) -> str:
                       f"{row['decode']} | {row['full_pipeline']} |" for row in report[key]]
     for key, title, unit in (("compile", "4. Compile (torchax, tiny SDXL)", "value"),
                              ("orchestration", "5. Orchestration overhead (tiny SDXL, 8 items)", "seconds"),
+                             ("cli", "11. `stagediff generate` end to end against the plain diffusers loop",
+                              "value"),
                              ("warm", "8. Warm stage workers (tiny SDXL, 12 prompts × 2 seeds, 8 steps, 128²)",
                               "value")):
         if key in report:
@@ -653,6 +688,9 @@ ONLY_SECTIONS = {
     "--decode": ("decode", decode_section,
                  "only section 9 (decode: torchax against torch per family, the real Wan VAE's "
                  "programs, the real SDXL VAE tiled and not; about 25 minutes on 2 cores)"),
+    "--cli": ("cli", cli_end_to_end,
+              "only section 11 (`stagediff generate` end to end against the plain diffusers loop, small SDXL "
+              "3 prompts × 4 seeds, 10 steps, 256²; a no-op rerun of 24 items; about 5 minutes)"),
     "--step-cache": ("step_cache",
                      lambda: [row for family, case in STEP_CACHE.items()
                               for row in step_cache(family, case, STEP_CACHE_SETTINGS[family])],

@@ -99,3 +99,16 @@ def test_step_cache_section_compares_each_setting_with_the_exact_run(tmp_path, m
     assert by_setting["fbcache:100"]["block_work"] == 5 / 8 and by_setting["fbcache:100"]["mean_abs_error"] > 0
     table = bench.markdown({"date": "d", "machine": "m", "step_cache": rows})
     assert "## 10." in table and "| wan | wan (tiny) | 4 | 32×32×5f | `fbcache:100` |" in table
+
+
+def test_cli_section_runs_the_command_against_the_plain_loop(tmp_path, monkeypatch):
+    """Section 11 (`--cli`) here with the tiny model: `stagediff generate` in a new process renders the
+    plain loop's images, and its no-op rerun of 24 items, and its table."""
+    monkeypatch.setattr(bench, "WORK", tmp_path)
+    row = bench.cli_end_to_end(prompts=1, seeds=2, case=bench.QUICK["sdxl"])
+
+    assert row["items"] == 2 and row["max_pixel_diff"] <= 2
+    assert row["plain_loop_s"] > 0 and row["stagediff_generate_s"] > 0 and row["ratio"] > 0
+    assert row["noop_items"] == 24 and row["noop_generate_s"] > 0
+    table = bench.markdown({"date": "d", "machine": "m", "cli": row})
+    assert "## 11." in table and "| noop_items | 24 |" in table
