@@ -5,7 +5,7 @@ everything around it runs as diffusers wrote it: the family adapter's latent de-
 VAE's own `decode` with its tiling and blending, AutoencoderKLWan's frame loop. The Wan decoder carries
 a feature cache from one latent frame to the next; its stand-in makes that cache an input and an output
 of the compiled program and keeps it on the device, so every latent frame after the second reuses one
-program (measured against compiling the whole decode in benchmarks section 9).
+program (compiling the whole decode instead is measured in benchmarks section 9).
 
 Tiling (diffusers' own `enable_tiling`) is used when `--vae-tiling` asks for it, or when decoding in
 one piece would need more activation memory than the device has free.
