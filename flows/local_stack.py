@@ -1,7 +1,7 @@
 """A whole Prefect setup on one machine: server, `cpu-pool` and `tpu-pool`, the deployments of
-prefect.yaml, one process worker per pool (the ephemeral way to run stages) and the warm stage
-workers: one for encode, one per accelerator for denoise and decode. Used by `make serve` and by the
-real-server tests.
+prefect.yaml, one process worker per pool (the ephemeral way to run stages) with the flow host that
+starts their flow runs without imports (`flows.flow_host`), and the warm stage workers: one for
+encode, one per accelerator for denoise and decode. Used by `make serve` and by the real-server tests.
 
 Run: `python -m flows.local_stack [--port 4200] [--accelerator-workers N]`. SIGTERM, SIGINT (Ctrl-C,
 even when started in the background) and SIGHUP stop everything it started.
@@ -16,11 +16,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import psutil
+
+from flows.flow_launch import HOST_VARIABLE
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 POOLS = ("cpu-pool", "tpu-pool")
@@ -55,6 +58,8 @@ class LocalStack:
         reach it); None keeps them under `storage`."""
         self.port = port or free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.flow_host_socket = Path(tempfile.gettempdir()) / f"stagediff-flow-host-{self.port}.sock"
+        """Short on purpose: a Unix socket's path has at most 107 bytes."""
         self.storage = self.home / "storage"
         """Where stage runs' parameters and results live: every process submitting or running stage
         runs must use it (on several machines, a shared bucket instead: see the README)."""
@@ -68,6 +73,7 @@ class LocalStack:
             "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", WORKER_QUERY_SECONDS),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "PYTHONPATH": str(PROJECT_DIR),
+            HOST_VARIABLE: str(self.flow_host_socket),
             **(extra_env or {}),
         }
         self.processes: dict[str, subprocess.Popen] = {}
@@ -124,6 +130,23 @@ class LocalStack:
         return self._spawn(f"worker-{pool}", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                            *limit, env=env)
 
+    def start_flow_host(self) -> subprocess.Popen:
+        """Start the flow host the process workers' flow runs are forked from."""
+        return self._spawn("flow-host", "flows.flow_host", "--socket", str(self.flow_host_socket))
+
+    def wait_for_flow_host(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(self.flow_host_socket))
+                    return
+                except OSError:
+                    pass
+            if time.monotonic() > deadline or self.processes["flow-host"].poll() is not None:
+                raise RuntimeError(f"the flow host did not start in {timeout:.0f}s; see {self.logs / 'flow-host.log'}")
+            time.sleep(0.2)
+
     def start_stage_worker(self, name: str, stages: str, env: dict | None = None) -> subprocess.Popen:
         """Start a warm stage worker (`tasks.worker`) serving `stages`, logging to logs/<name>.log."""
         return self._spawn(name, "tasks.worker", "--stages", stages, env=env)
@@ -155,6 +178,7 @@ class LocalStack:
 
     def start(self, accelerator_workers: int = 1) -> "LocalStack":
         self.start_server()
+        self.start_flow_host()
         if self.task_storage:
             self.use_task_storage()
         self.create_pools()
@@ -165,6 +189,7 @@ class LocalStack:
         for index in range(accelerator_workers):
             workers.append(self.start_stage_worker(f"stage-accelerator-{index}", STAGE_WORKERS["accelerator"]))
         self.wait_until_connected(*workers)
+        self.wait_for_flow_host()
         return self
 
     def stop(self) -> None:
