@@ -18,6 +18,7 @@ finds those from the workers' heartbeats and submits them again (the store makes
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,14 +28,17 @@ from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 from prefect.client.schemas.objects import TaskRun, TaskRunResult
-from prefect.states import Crashed
+from prefect.futures import PrefectDistributedFuture
+from prefect.states import Crashed, State
 
 from stagediff.options import request_from_options
 from tasks import STAGE_TASKS
 from tasks.heartbeats import HEARTBEAT_SECONDS, Heartbeats, read_heartbeats
 
-POLL_SECONDS = 0.5
-"""How often the flow reads the states of its stage runs: latency between a chunk's stages."""
+POLL_SECONDS = 2.0
+"""How often the flow reads the states of its stage runs from the API. It learns that a run finished
+from the server's event stream at once; reading the API sees runs start (for `_resubmit_lost`) and
+covers a dropped event stream."""
 CHECK_SECONDS = 10.0
 """How often it looks for lost runs."""
 LOST_AFTER_SECONDS = 6 * HEARTBEAT_SECONDS
@@ -72,6 +76,7 @@ class ChunkRun:
     """Its items the store does not hold yet."""
     run: UUID | None = None
     """The task run of its current stage."""
+    future: PrefectDistributedFuture | None = None
     submitted_at: datetime.datetime | None = None
     started_seen: float | None = None
     """When the flow first saw the current run started (monotonic)."""
@@ -94,6 +99,9 @@ class StageWorkerDispatch:
         self.waiting = [chunk for chunk in chunks if chunk.stages]
         self.in_flight: dict[UUID, ChunkRun] = {}
         self.on_chunk_done = on_chunk_done
+        self.heard_final: set[UUID] = set()
+        """Runs the event stream said finished (their state may not be in the API yet)."""
+        self.wake = threading.Event()
         self.logger = get_run_logger()
         self.capacity = dict.fromkeys(STAGE_TASKS, QUEUED_PER_WORKER)
 
@@ -105,7 +113,8 @@ class StageWorkerDispatch:
                              ", ".join(f"{stage} ×{count}" for stage, count in workers.items()))
             self._submit_ready()
             while self.in_flight:
-                time.sleep(POLL_SECONDS)
+                self.wake.wait(POLL_SECONDS)
+                self.wake.clear()
                 runs = self._read_runs(client)
                 for run_id, chunk in list(self.in_flight.items()):
                     self._follow(chunk, runs.get(run_id))
@@ -128,9 +137,22 @@ class StageWorkerDispatch:
         request = request_from_options(chunk.parameters).to_dict()
         upstream = {"request": {TaskRunResult(id=after)}} if after else None  # the UI draws the edge
         future = STAGE_TASKS[chunk.stages[0]].apply_async(kwargs={"request": request}, dependencies=upstream)
-        chunk.run, chunk.started_seen = future.task_run_id, None
+        chunk.run, chunk.future, chunk.started_seen = future.task_run_id, future, None
         chunk.submitted_at = datetime.datetime.now(datetime.timezone.utc)
         self.in_flight[chunk.run] = chunk
+        future.add_done_callback(self._heard_finished)
+
+    def _heard_finished(self, future: PrefectDistributedFuture) -> None:
+        """Called from Prefect's event-stream thread."""
+        self.heard_final.add(future.task_run_id)
+        self.wake.set()
+
+    def _state(self, chunk: ChunkRun, run: TaskRun) -> State | None:
+        """The run's state: the final one from the event stream when heard, else the API's."""
+        if chunk.run in self.heard_final and not (run.state and run.state.is_final()):
+            chunk.future.wait(timeout=0)
+            return chunk.future.state
+        return run.state
 
     def _read_runs(self, client) -> dict[UUID, TaskRun]:
         ids = list(self.in_flight)
@@ -142,7 +164,7 @@ class StageWorkerDispatch:
         if run is None:
             raise StageRunFailed(f"{stage} run {chunk.run} was deleted: a stage worker could not read its "
                                  "parameters (do all machines share Prefect's task storage?)")
-        state = run.state
+        state = self._state(chunk, run)
         if state is None or not state.is_final():
             if state is not None and not state.is_scheduled() and chunk.started_seen is None:
                 chunk.started_seen = time.monotonic()
