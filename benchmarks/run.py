@@ -13,12 +13,15 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -374,23 +377,41 @@ class Stack:
         self.local.stop()
 
     def run_batch(self, parameters: dict, label: str, since: float | None = None) -> dict:
-        """`prefect deployment run generate/stagediff --watch` on a fresh store: seconds to the first
-        image and to the end (from `since`, default now)."""
+        """`prefect deployment run generate/stagediff --watch` on a fresh store: seconds (from `since`,
+        default now) to the first image, to the end of the batch (its flow run's end on the server) and
+        to the command's exit (`--watch` waits 3 s more for straggling logs)."""
         store = WORK / "stores" / f"{self.name}-{label}"
         shutil.rmtree(store, ignore_errors=True)
         cpu_before = self.cpu_seconds() + children_cpu_seconds()
         start = since or time.perf_counter()
+        clock_offset = time.time() - time.perf_counter()
         process = subprocess.Popen([sys.executable, "-m", "prefect", "--no-prompt", "deployment", "run",
                                     "generate/stagediff", "--params", json.dumps({**parameters, "store": str(store)}),
-                                    "--watch"], env=self.local.env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+                                    "--watch"], env=self.local.env, cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        output = []
+        reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+        reader.start()
         first_item = None
         while process.poll() is None:
             if first_item is None and list(store.glob("media/*")):
                 first_item = time.perf_counter() - start
             time.sleep(0.1)
-        return {"wall_s": time.perf_counter() - start, "first_item_s": first_item, "ok": process.returncode == 0,
+        watch_exit = time.perf_counter() - start
+        reader.join()
+        ended = self.flow_run_end("".join(output))
+        return {"wall_s": ended - clock_offset - start if ended else watch_exit, "watch_exit_s": watch_exit,
+                "first_item_s": first_item, "ok": process.returncode == 0,
                 "cpu_s": self.cpu_seconds() + children_cpu_seconds() - cpu_before}
+
+    def flow_run_end(self, output: str) -> float | None:
+        """When the flow run that `prefect deployment run` printed (its UUID) ended, in epoch seconds."""
+        found = re.search(r"UUID: ([0-9a-f-]{36})", output)
+        if not found:
+            return None
+        with urllib.request.urlopen(f"{self.local.api_url}/flow_runs/{found.group(1)}", timeout=10) as response:
+            end_time = json.loads(response.read())["end_time"]
+        return datetime.datetime.fromisoformat(end_time).timestamp() if end_time else None
 
     def cpu_seconds(self) -> float:
         """CPU seconds used so far by the stack's processes (server, workers) and their children, those
@@ -451,7 +472,7 @@ def warm_workers(prompts: int = 12, seeds: int = 2) -> dict:
         "items": items, "cli_in_process_s": cli, "cli_in_process_cpu_s": cli_cpu,
         "workers_start_to_first_item_s": cold["first_item_s"], "workers_start_to_batch_done_s": cold["wall_s"],
         "warm_pooled_s": one["wall_s"], "warm_pooled_first_item_s": one["first_item_s"],
-        "warm_pooled_vs_cli": one["wall_s"] / cli,
+        "warm_pooled_vs_cli": one["wall_s"] / cli, "warm_pooled_watch_exit_s": one["watch_exit_s"],
         # CPU seconds (every process of the stack) do not swell with other work on the machine.
         "warm_pooled_cpu_s": one["cpu_s"], "warm_pooled_vs_cli_cpu": one["cpu_s"] / cli_cpu,
         "orchestration_overhead_s_per_item": (one["wall_s"] - cli) / items,
