@@ -19,7 +19,7 @@ ORCHESTRATION_OPTIONS: tuple[Option, ...] = (
            "stage and chunk on the work pools), in-process, or auto: the first of these the server offers",
            choices=DISPATCH_CHOICES, default="auto"),
     Option("prompts_per_chunk", int, "prompts per stage run (default: 1 in-process, 4 on work pools, warm: "
-           "enough for 4 items)"),
+           "two chunks per accelerator worker, at most 32 items each)"),
 )
 """How the generate flow spreads the work."""
 

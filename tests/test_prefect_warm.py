@@ -13,7 +13,7 @@ import psutil
 import pytest
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterTaskRunId
 
-from flows.generate import generate
+from flows.generate import generate, warm_prompts_per_chunk
 from helpers import latest_run, run_deployment_cli, snapshot, wait_for_state
 from stagediff.tiny import build_tiny_model
 
@@ -48,6 +48,14 @@ def stage_report(client, task_run, timeout: float = 30) -> tuple[int, str]:
 def warm_params(model, store, **extra):
     return {"model": str(model), "prompts": ["a red cat", "a blue dog"], "seeds": [0, 1], "steps": 2, "height": 64,
             "width": 64, "store": str(store), **extra}
+
+
+def test_warm_chunks_keep_each_accelerator_busy_and_stay_within_32_items():
+    assert warm_prompts_per_chunk(prompts=12, items=24, accelerators=1) == 6  # 2 chunks for one worker
+    assert warm_prompts_per_chunk(prompts=12, items=24, accelerators=2) == 3  # 4 chunks for two
+    assert warm_prompts_per_chunk(prompts=250, items=1000, accelerators=1) == 8  # 32 items a chunk
+    assert warm_prompts_per_chunk(prompts=1, items=64, accelerators=1) == 1  # one prompt's seeds stay together
+    assert warm_prompts_per_chunk(prompts=3, items=3, accelerators=0) == 2  # no worker yet: as for one
 
 
 def test_second_batch_on_warm_workers_loads_no_model_and_compiles_nothing(prefect_stack, prefect_client, tiny_sdxl,
