@@ -54,9 +54,9 @@ class FlowHost:
 
     def serve(self) -> FlowRunRequest:
         self.listener = _listen(self.path)
-        self.wake_read, wake_write = os.pipe()
-        os.set_blocking(wake_write, False)
-        signal.set_wakeup_fd(wake_write)
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_write, False)
+        signal.set_wakeup_fd(self.wake_write)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # a handler, so the wakeup fd hears it
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
@@ -102,15 +102,13 @@ class FlowHost:
         return None
 
     def _become_flow_run(self, connection: socket.socket, fds: list[int]) -> None:
-        """In the child: drop the host's sockets and signal handling, take the launcher's streams."""
+        """In the child: drop the host's sockets and its SIGCHLD handling, take the launcher's streams."""
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
         self.selector.close()
         for launcher in [*self.launchers.values(), connection, self.listener]:
             launcher.close()
-        os.close(self.wake_read)
+        _close_all([self.wake_read, self.wake_write])
         for target, fd in zip(STREAMS, fds):
             os.dup2(fd, target)
         _close_all(fds)

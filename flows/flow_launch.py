@@ -101,6 +101,9 @@ def main() -> None:
     exit_code = run_in_host(path) if path else None
     if exit_code is None:
         os.execv(sys.executable, [sys.executable, "-m", "prefect.engine", *sys.argv[1:]])
+    if exit_code < 0:  # the flow run was killed by a signal: end the same way, as the worker expects
+        signal.signal(-exit_code, signal.SIG_DFL)
+        os.kill(os.getpid(), -exit_code)
     sys.exit(exit_code)
 
 
