@@ -11,7 +11,7 @@ import sys
 import time
 
 import psutil
-from prefect.states import Crashed
+from prefect.states import Cancelling, Crashed
 
 from flows.local_stack import PROJECT_DIR
 from helpers import latest_run, run_deployment_cli, wait_for_state
@@ -66,14 +66,32 @@ def test_a_launcher_of_another_pythonpath_runs_the_engine_itself(prefect_stack, 
     assert host_log(prefect_stack).count("flow run not-a-flow-run") == before
 
 
+def start_long_denoise(stack, client, model, store):
+    """A denoise deployment run long enough to act on while it runs; returns (run, forked pid)."""
+    parameters = {"model": str(model), "prompts": ["a red cat"], "seeds": list(range(8)), "steps": 50,
+                  "height": 64, "width": 64, "store": str(store)}
+    assert run_deployment_cli(stack, "encode/stagediff", parameters).returncode == 0
+    run_deployment_cli(stack, "denoise/stagediff", parameters, watch=False)
+    run = latest_run(client, "denoise")
+    pid = forked_pid(stack, run.id)
+    wait_for_state(client, run.id, lambda state: state.is_running())
+    return run, pid
+
+
+def test_cancelling_a_forked_flow_run_from_the_ui_stops_it(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
+    run, pid = start_long_denoise(prefect_stack, prefect_client, tiny_sdxl, tmp_path)
+    prefect_client.set_flow_run_state(run.id, Cancelling(), force=True)  # the UI's "Cancel"
+    finished = wait_for_state(prefect_client, run.id, lambda state: state.is_final(), timeout=120)
+    assert finished.state.is_cancelled()
+    try:
+        psutil.Process(pid).wait(timeout=30)
+    except psutil.NoSuchProcess:
+        pass
+    assert len(list(tmp_path.glob("latents/sdxl/*.safetensors"))) < 8
+
+
 def test_a_killed_launcher_takes_its_forked_flow_run_with_it(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
-    parameters = {"model": str(tiny_sdxl), "prompts": ["a red cat"], "seeds": list(range(8)), "steps": 50,
-                  "height": 64, "width": 64, "store": str(tmp_path)}
-    assert run_deployment_cli(prefect_stack, "encode/stagediff", parameters).returncode == 0
-    run_deployment_cli(prefect_stack, "denoise/stagediff", parameters, watch=False)
-    run = latest_run(prefect_client, "denoise")
-    pid = forked_pid(prefect_stack, run.id)
-    wait_for_state(prefect_client, run.id, lambda state: state.is_running())
+    run, pid = start_long_denoise(prefect_stack, prefect_client, tiny_sdxl, tmp_path)
     prefect_stack.kill("worker-tpu-pool")  # the worker and its launcher, as SIGKILL leaves them
     try:
         psutil.Process(pid).wait(timeout=10)  # raises TimeoutExpired if the flow run outlives its launcher
