@@ -46,6 +46,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def flow_host_socket(port: int) -> Path:
+    """The flow host's socket of the stack on `port`: short on purpose (a Unix socket's path has at
+    most 107 bytes)."""
+    return Path(tempfile.gettempdir()) / f"stagediff-flow-host-{port}.sock"
+
+
 class LocalStack:
     """Starts and stops a Prefect server and workers; every process it starts (and whatever those
     start) is stopped by `stop()`."""
@@ -58,8 +64,7 @@ class LocalStack:
         reach it); None keeps them under `storage`."""
         self.port = port or free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self.flow_host_socket = Path(tempfile.gettempdir()) / f"stagediff-flow-host-{self.port}.sock"
-        """Short on purpose: a Unix socket's path has at most 107 bytes."""
+        self.flow_host_socket = flow_host_socket(self.port)
         self.storage = self.home / "storage"
         """Where stage runs' parameters and results live: every process submitting or running stage
         runs must use it (on several machines, a shared bucket instead: see the README)."""
@@ -203,6 +208,7 @@ class LocalStack:
                 _, alive = psutil.wait_procs(victims, timeout=10)
                 for victim in alive:
                     _signal(victim, signal.SIGKILL)
+        self.flow_host_socket.unlink(missing_ok=True)
 
 
 def _with_descendants(pid: int) -> list[psutil.Process]:
