@@ -35,10 +35,10 @@ from stagediff.options import request_from_options
 from tasks import STAGE_TASKS
 from tasks.heartbeats import HEARTBEAT_SECONDS, Heartbeats, read_heartbeats
 
-POLL_SECONDS = 2.0
-"""How often the flow reads the states of its stage runs from the API. It learns that a run finished
-from the server's event stream at once; reading the API sees runs start (for `_resubmit_lost`) and
-covers a dropped event stream."""
+POLL_SECONDS = 0.5
+"""How often the flow reads the states of its stage runs from the API (latency between a chunk's
+stages). The server's event stream wakes it sooner when a run's final state arrives there first;
+either can lag by seconds on a busy server."""
 CHECK_SECONDS = 10.0
 """How often it looks for lost runs."""
 LOST_AFTER_SECONDS = 6 * HEARTBEAT_SECONDS

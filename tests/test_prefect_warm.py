@@ -115,7 +115,8 @@ def test_two_accelerator_workers_denoise_two_chunks_at_the_same_time(prefect_sta
     second = prefect_stack.start_stage_worker("stage-accelerator-1", "denoise,decode")
     try:
         prefect_stack.wait_until_connected(second)
-        generate(**warm_params(tiny_sdxl, tmp_path, steps=25, dispatch="warm", prompts_per_chunk=1))
+        # Long enough to denoise that one chunk is still denoising when the other's encode is seen done.
+        generate(**warm_params(tiny_sdxl, tmp_path, steps=80, dispatch="warm", prompts_per_chunk=1))
         runs = stage_task_runs(prefect_client, latest_run(prefect_client, "generate"))["denoise"]
         workers = {stage_report(prefect_client, run)[0] for run in runs}
     finally:
