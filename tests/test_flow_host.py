@@ -58,6 +58,25 @@ def test_the_launcher_hands_over_its_streams_and_exit_code(prefect_stack):
     assert re.search(r"flow run not-a-flow-run in pid (\d+)", host_log(prefect_stack))
 
 
+def test_many_launchers_at_once_each_get_their_own_flow_run_process(prefect_stack):
+    """The host serves one launcher at a time on one thread: several at once, twice over, must each get
+    a forked process of their own, their own streams back, and their own exit code."""
+    before = host_log(prefect_stack).count("flow run not-a-flow-run")
+    env = {**prefect_stack.env, "PREFECT__FLOW_RUN_ID": "not-a-flow-run"}
+    for _ in range(2):
+        launchers = [subprocess.Popen([sys.executable, "-m", "flows.flow_launch"], cwd=PROJECT_DIR, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                     for _ in range(6)]
+        outputs = [launcher.communicate(timeout=120)[0] for launcher in launchers]
+        assert [launcher.returncode for launcher in launchers] == [1] * 6
+        assert all(output.count("Invalid flow run id") == 1 for output in outputs), outputs
+    log = host_log(prefect_stack)
+    assert log.count("flow run not-a-flow-run") == before + 12
+    forked = re.findall(r"flow run not-a-flow-run in pid (\d+)", log)[-12:]
+    assert len(set(forked)) == 12
+    assert all(re.search(rf"pid {pid} exited with 1", log) for pid in forked)
+
+
 def test_a_launcher_of_another_pythonpath_runs_the_engine_itself(prefect_stack, tmp_path):
     before = host_log(prefect_stack).count("flow run not-a-flow-run")
     result = launch(prefect_stack, PYTHONPATH=f"{tmp_path}{os.pathsep}{PROJECT_DIR}")
