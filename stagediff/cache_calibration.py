@@ -12,7 +12,8 @@ from __future__ import annotations
 from stagediff import __version__, stages
 from stagediff.errors import StagediffError
 from stagediff.plan import Plan
-from stagediff.step_cache import MagCacheCalibration, calibration_path, captured_calibration
+from stagediff.cache_spec import calibration_path
+from stagediff.step_cache import MagCacheCalibration, captured_calibration
 
 
 def calibrate_magcache(plan: Plan) -> tuple[str, list[float]]:

@@ -113,17 +113,23 @@ def _plan(args):
 
 
 def _generate(args, generate=None) -> int:
-    from stagediff.batch import run_batch
     from stagediff.manifest import default_run_name
-    from stagediff.progress import TqdmProgress
 
     plan = _plan(args)
     plan.store.check_writable()
     if generate is not None:
         manifest_uri = generate(args)
     else:
+        from stagediff.progress import TqdmProgress
+        from stagediff.scheduler import BatchRun
+        from stagediff.stages import local_executor
+
         run_name = args.run_name or default_run_name(plan.request.model)
-        manifest_uri = run_batch(plan, run_name, args.manifest, TqdmProgress())
+        progress = TqdmProgress()
+        try:
+            manifest_uri = BatchRun(plan, local_executor(plan, progress), run_name, args.manifest).run()
+        finally:
+            progress.close()
     print(f"manifest: {manifest_uri}")
     for item in plan.items:
         print(plan.store.uri_of(item.media_path))
@@ -131,12 +137,17 @@ def _generate(args, generate=None) -> int:
 
 
 def _stage(args) -> int:
-    from stagediff import stages
     from stagediff.progress import TqdmProgress
+    from stagediff.stages import run_stage
 
     plan = _plan(args)
     plan.store.check_writable()
-    for uri in getattr(stages, args.command)(plan, progress=TqdmProgress()).uris:
+    progress = TqdmProgress()
+    try:
+        uris = run_stage(args.command, plan, progress=progress).uris
+    finally:
+        progress.close()
+    for uri in uris:
         print(uri)
     return 0
 

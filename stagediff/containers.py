@@ -15,6 +15,8 @@ Read = Callable[[int, int], bytes]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METADATA_KEYWORD = b"stagediff"
 """The PNG text chunk (and MP4 comment) holding the generation metadata as JSON."""
+LATENTS_CHECKSUM = "latents_checksum"
+"""Media metadata: the checksum of the latents a media file was decoded from."""
 
 
 class IncompleteFile(ValueError):

@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from stagediff.containers import IncompleteFile, file_reader, mp4_metadata, png_metadata
+from stagediff.containers import LATENTS_CHECKSUM, IncompleteFile, file_reader, mp4_metadata, png_metadata
 from stagediff.errors import CorruptArtifact
 from stagediff.manifest import artifact_path
-from stagediff.plan import Plan
-from stagediff.stages import DECODE, DENOISE, ENCODE, LATENTS_CHECKSUM
+from stagediff.plan import DECODE, DENOISE, ENCODE, Plan
 from stagediff.store import CHECKSUM_METADATA, KEY_METADATA, Listed, Store, read_safetensors_header
 
 DONE, MISSING, CORRUPT, STALE = "done", "missing", "corrupt", "stale"

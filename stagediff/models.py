@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stagediff.errors import StagediffError
-from stagediff.families import FamilyAdapter, family_for_pipeline
+from stagediff.families import Family, family_for_pipeline
 from stagediff.fingerprints import file_digest, is_ignored_weight
 from stagediff.hub import HubSnapshot, open_snapshot
 
@@ -21,7 +21,7 @@ class Model:
     reference: str
     """What the user passed to --model (Hugging Face id, folder or gs:// URI)."""
     folder: Path
-    family: FamilyAdapter
+    family: Family
     model_index: dict
     hub: HubSnapshot | None = None
     """The Hugging Face snapshot behind `folder`, whose components are fetched when a stage loads them."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from stagediff.prompts import expand_seeds, read_prompt_file
-from stagediff.request import BACKENDS, DTYPES, Request
+from stagediff.request import AUTO, BACKENDS, DTYPES, Request
 
 REQUIRED = dataclasses.MISSING
 FROM_REQUEST = object()
@@ -67,6 +67,13 @@ class Option:
         return one if self.required or self.default_value is not None else one | None
 
 
+def batch_size(text: str) -> int | str:
+    """`--batch-size` on the command line: `auto` or a number (its range is the Request's to check)."""
+    if text == AUTO:
+        return AUTO
+    return int(text)  # argparse reports a ValueError as one line naming the bad value
+
+
 _REQUEST_FIELDS = {field.name: field for field in dataclasses.fields(Request)}
 
 GENERATION_OPTIONS: tuple[Option, ...] = (
@@ -99,7 +106,8 @@ GENERATION_OPTIONS: tuple[Option, ...] = (
     Option("store", str, "artifact store: a local folder or gs://bucket/prefix"),
     Option("backend", str, "where denoise and decode run: torchax on TPU by default, torch elsewhere",
            choices=BACKENDS),
-    Option("batch_size", int, "items denoised and decoded per call"),
+    Option("batch_size", batch_size, "items denoised and decoded per call, or auto: as many of one shape as the "
+           "stage's device memory holds, up to a cap", parameter_type=int | Literal["auto"]),
     Option("mesh", str, "torchax device mesh, e.g. tp=8 or dp=2,tp=4 (axes dp, fsdp, tp)"),
     Option("vae_tiling", bool, "decode in overlapping tiles (without it: only when one piece would not fit "
            "the device's memory)"),

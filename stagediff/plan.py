@@ -6,16 +6,17 @@ import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
-from stagediff.backends import check_placement
+from stagediff.cache_spec import resolve_cache
 from stagediff.confinement import check_location
 from stagediff.errors import StagediffError
-from stagediff.families import FamilyAdapter, Settings
+from stagediff.families import Family, Settings
 from stagediff.loras import AppliedLora, LoraFile, open_lora
 from stagediff.models import Model, is_hub_id, open_model
 from stagediff.request import GRID_FIELDS, Request, values_of
-from stagediff.step_cache import resolve_cache
 from stagediff.store import Store, content_key
 
+ENCODE, DENOISE, DECODE = "encode", "denoise", "decode"
+STAGES = (ENCODE, DENOISE, DECODE)
 FIXED_FIELDS = ("height", "width", "frames", "fps")
 """Request fields that take one value per run."""
 
@@ -44,6 +45,8 @@ class Embedding:
     settings: Settings
     loras: tuple[AppliedLora, ...] = ()
     """The LoRAs with text-encoder weights, applied by the encode stage."""
+    entry: str | dict = ""
+    """The prompt as the request gives it (a text, or the prompt with its own negative prompt)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class Plan:
     loras: tuple[LoraFile, ...] = ()
 
     @property
-    def family(self) -> FamilyAdapter:
+    def family(self) -> Family:
         return self.model.family
 
     @cached_property
@@ -116,11 +119,11 @@ def resolve_points(request: Request, model: Model, loras: dict[str, LoraFile]) -
 
 
 def make_plan(request: Request, model: Model | None = None) -> Plan:
-    """Validate a request against its model and compute every artifact key, before any work."""
+    """Validate a request against its model and compute every artifact key, before any work. What
+    needs a device (backend, mesh, memory) is checked where a stage runs, when it loads."""
     check_location("--store", request.store)
     if not is_hub_id(request.model):
         check_location("--model", request.model)
-    check_placement(request.backend, request.mesh)
     model = model or open_model(request.model)
     family = model.family
     loras = {source: open_lora(source, model) for source, _ in request.lora_scales}
@@ -139,6 +142,7 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
     embeddings: dict[str, Embedding] = {}
     items = []
     for prompt, own_negative in request.prompt_pairs:
+        entry = prompt if own_negative is None else {"prompt": prompt, "negative_prompt": own_negative}
         negative = own_negative if own_negative is not None else default_negative
         for point in points:
             settings = point.settings
@@ -154,7 +158,7 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
             }
             key = content_key(inputs)
             embedding = embeddings.setdefault(key, Embedding(
-                prompt, negative, key, inputs, f"embeddings/{family.name}/{key}.safetensors", settings, encode_loras
+                prompt, negative, key, inputs, f"embeddings/{family.name}/{key}.safetensors", settings, encode_loras, entry
             ))
             denoise_loras = tuple(lora for lora in point.loras if lora.changes(family.denoise_components))
             for seed in dict.fromkeys(request.seeds):

@@ -20,19 +20,28 @@ class Progress:
     def stage_finished(self, stage: str) -> None:
         pass
 
+    def close(self) -> None:
+        """The batch has ended."""
+
 
 class TqdmProgress(Progress):
-    """One bar per stage for items and, while denoising, one for the steps of the current batch."""
+    """One bar per stage for the items of a whole batch (its stage runs add theirs as they start) and,
+    while denoising, one for the steps of the current call."""
 
     def __init__(self, file=None):
         self.file = file or sys.stderr
-        self.items = None
+        self.items: dict[str, object] = {}
         self.steps = None
 
     def stage_started(self, stage, total_items):
         from tqdm import tqdm
 
-        self.items = tqdm(total=total_items, desc=f"{stage:8s}", unit="item", file=self.file, leave=True)
+        bar = self.items.get(stage)
+        if bar is None:
+            self.items[stage] = tqdm(total=total_items, desc=f"{stage:8s}", unit="item", file=self.file, leave=True)
+        else:
+            bar.total += total_items
+            bar.refresh()
 
     def step(self, stage, step_index, total_steps):
         from tqdm import tqdm
@@ -43,14 +52,17 @@ class TqdmProgress(Progress):
         self.steps.update(1)
 
     def item_done(self, stage, uri):
-        if self.items is not None:
-            self.items.update(1)
+        if stage in self.items:
+            self.items[stage].update(1)
 
     def stage_finished(self, stage):
         self._close_steps()
-        if self.items is not None:
-            self.items.close()
-            self.items = None
+
+    def close(self):
+        self._close_steps()
+        for bar in self.items.values():
+            bar.close()
+        self.items.clear()
 
     def _close_steps(self):
         if self.steps is not None:
@@ -79,3 +91,7 @@ class ProgressGroup(Progress):
     def stage_finished(self, stage):
         for sink in self.sinks:
             sink.stage_finished(stage)
+
+    def close(self):
+        for sink in self.sinks:
+            sink.close()

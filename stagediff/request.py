@@ -17,6 +17,9 @@ GRID_FIELDS = ("steps", "guidance")
 """Fields that take one value or a list of them (as do family options in `extras`): a run renders
 every combination of the listed values."""
 DEFAULT_LORA_SCALE = 1.0
+AUTO = "auto"
+"""`--batch-size auto`: as many items of one shape per call as the stage's device memory holds (up to a
+cap), decided where the stage runs."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,8 @@ class Request:
     dtype: str = "float32"
     store: str = DEFAULT_STORE
     backend: str = "auto"
-    batch_size: int = 1
+    batch_size: int | str = AUTO
+    """Items denoised and decoded per call, or `auto`."""
     cache: str = "none"
     """Step caching, `METHOD[:VALUE][,NAME=VALUE...]` (see `stagediff.step_cache`); `none` denoises exactly."""
     mesh: str | None = None
@@ -84,7 +88,8 @@ class Request:
         _check_positive("width", self.width)
         _check_positive("frames", self.frames)
         _check_positive("fps", self.fps)
-        _check_positive("batch-size", self.batch_size)
+        if self.batch_size != AUTO:
+            _check_positive("batch-size", self.batch_size)
         for guidance in values_of(self.guidance):
             if guidance is not None and (not isinstance(guidance, Real) or not guidance >= 0):
                 raise StagediffError(f"--guidance {guidance!r} must be a non-negative number")
@@ -97,7 +102,7 @@ class Request:
                 raise StagediffError(str(error)) from None
         if not isinstance(self.vae_tiling, bool):
             raise StagediffError(f"--vae-tiling {self.vae_tiling!r} must be true or false")
-        from stagediff.step_cache import parse_cache
+        from stagediff.cache_spec import parse_cache
 
         parse_cache(self.cache)
         if self.backend not in BACKENDS:

@@ -1,33 +1,45 @@
-"""The three stages. Each reads its inputs from the store, computes only what is missing, writes
-its artifacts, and returns their URIs. Each loads only its own pipeline components."""
+"""The three stages, as one stage runner that each stage configures. A stage run reads its inputs from
+the store, computes only what is missing among the artifacts it was given (all of a plan's, or those of
+some keys: one unit of the scheduler), writes its artifacts, and returns their URIs. Each stage loads
+only its own pipeline components, and checks where it runs what needs a device (backend, mesh,
+memory) before it writes anything."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from stagediff import __version__, step_cache
-from stagediff.backends import default_mesh, free_device_bytes, place_pipeline, resolve_backend
-from stagediff.decoding import choose_tile, place_decoder, set_tiling, tiles_used, vae_input_shape
+from stagediff.adapters import Adapter, adapter_for
+from stagediff.backends import (check_placement, default_mesh, free_device_bytes, overlaps_stages, peak_growth,
+                                place_pipeline, resolve_backend)
+from stagediff.cache_spec import check_cache_backend
+from stagediff.containers import LATENTS_CHECKSUM
+from stagediff.decoding import choose_tile, decode_bytes, place_decoder, set_tiling, tiles_used, vae_input_shape
 from stagediff.errors import CorruptArtifact, StagediffError
 from stagediff.families import Settings
 from stagediff.loras import AppliedLora, fuse_loras
 from stagediff.media import CorruptMedia, media_bytes, verified_media_metadata
-from stagediff.plan import Item, Plan
+from stagediff.plan import DECODE, DENOISE, ENCODE, Embedding, Item, Plan
 from stagediff.progress import Progress
+from stagediff.request import AUTO
+from stagediff.scheduler import LocalExecutor
 from stagediff.store import CHECKSUM_METADATA, Artifact
 from tpu_ops import compile_cache
 
-ENCODE, DENOISE, DECODE = "encode", "denoise", "decode"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-LATENTS_CHECKSUM = "latents_checksum"
-"""Media metadata: the checksum of the latents a media file was decoded from."""
+AUTO_BATCH_CAP = 8
+"""The most items `--batch-size auto` puts in one call."""
+MEMORY_MARGIN = 0.8
+"""The share of the device's free memory that `--batch-size auto` plans to fill."""
 
 
 @dataclass
@@ -43,6 +55,8 @@ class StageResult:
     compile_cache_hits: int = 0
     """Compilations answered by the persistent compile cache (torchax backend)."""
     item_seconds: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    """Items per call, in order."""
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -51,6 +65,7 @@ class _Loaded:
     key: tuple
     pipe: object
     compile_seconds: list[float]
+    mesh: str | None
 
 
 _loaded: dict[str, _Loaded] = {}
@@ -61,20 +76,23 @@ torch (`init_empty_weights` swaps `nn.Module.register_parameter`, `no_init_weigh
 functions), so two loads at once in two threads leave torch patched for everything built later."""
 
 
-_COMPUTED_COMPONENT = {DENOISE: lambda family: family.denoiser_component, DECODE: lambda family: "vae"}
-"""The component whose weights size the default mesh of a stage on the accelerator."""
-
-
-def _components_of(plan: Plan, stage: str) -> tuple[str, ...]:
-    family = plan.family
-    return {ENCODE: family.encode_components, DENOISE: family.denoise_components, DECODE: family.decode_components}[stage]
-
-
 def stage_backend(plan: Plan, stage: str) -> str:
     """Where a stage computes: encode with torch on the CPU, the others as the request's backend says."""
     if stage == ENCODE:
         return "torch"
     return resolve_backend(plan.request.backend)
+
+
+def check_stage_placement(plan: Plan, stage: str) -> None:
+    """What this machine must offer the stage (its backend, the mesh's devices, the step cache on that
+    backend): a one-line error otherwise, before anything is loaded or written."""
+    if stage == ENCODE:
+        return
+    backend = stage_backend(plan, stage)
+    check_placement(backend, plan.request.mesh)
+    cache = plan.points[0].settings.cache
+    if stage == DENOISE and cache is not None:
+        check_cache_backend(plan.request.cache, cache.method, backend)
 
 
 def stage_pipeline(plan: Plan, stage: str, loras: Sequence[AppliedLora] = ()):
@@ -86,12 +104,14 @@ def stage_pipeline(plan: Plan, stage: str, loras: Sequence[AppliedLora] = ()):
 
 def _stage_pipeline(plan: Plan, stage: str, loras: Sequence[AppliedLora] = ()) -> tuple[_Loaded, float]:
     backend = stage_backend(plan, stage)
-    components = _components_of(plan, stage)
+    family, adapter = plan.family, adapter_for(plan.family)
+    components = family.components_of(stage)
     loras = tuple(lora for lora in loras if lora.changes(components))
     mesh = plan.request.mesh
-    if stage in _COMPUTED_COMPONENT and mesh is None:
-        weights = plan.model.folder / _COMPUTED_COMPONENT[stage](plan.family)
-        mesh = default_mesh(backend, plan.request.batch_size, weights)
+    if stage != ENCODE and mesh is None:
+        computed = family.denoiser_component if stage == DENOISE else "vae"
+        batch_size = plan.request.batch_size if plan.request.batch_size != AUTO else AUTO_BATCH_CAP
+        mesh = default_mesh(backend, batch_size, plan.model.folder / computed)
     # The fingerprint, not the folder: a checkpoint rewritten in place is loaded again.
     key = (str(plan.model.folder), plan.model.fingerprint(components), plan.request.dtype, backend, mesh,
            tuple((lora.file.digest, lora.scale) for lora in loras))
@@ -100,29 +120,26 @@ def _stage_pipeline(plan: Plan, stage: str, loras: Sequence[AppliedLora] = ()) -
         return loaded, 0.0
     release(stage)
     start = time.perf_counter()
-    pipe = _load_pipeline(plan, components, loras)
+    pipe = _load_pipeline(plan, adapter, components, loras)
     pipe.set_progress_bar_config(disable=True)
     compile_seconds: list[float] = []
     if stage == DENOISE:
-        pipe = place_pipeline(
-            pipe, backend, plan.family.denoiser_component, on_compile=compile_seconds.append,
-            mesh=mesh, family=plan.family.name,
-        )
+        pipe = place_pipeline(pipe, backend, family.denoiser_component, on_compile=compile_seconds.append,
+                              mesh=mesh, family=family.name)
     elif stage == DECODE:
-        pipe = place_decoder(pipe, backend, plan.family.vae_dtype(pipe.vae), on_compile=compile_seconds.append,
-                             mesh=mesh)
-    loaded = _Loaded(key, pipe, compile_seconds)
+        pipe = place_decoder(pipe, backend, adapter.vae_dtype(pipe.vae), on_compile=compile_seconds.append, mesh=mesh)
+    loaded = _Loaded(key, pipe, compile_seconds, mesh)
     _loaded[stage] = loaded
     return loaded, time.perf_counter() - start
 
 
-def _load_pipeline(plan: Plan, wanted: tuple[str, ...], loras: Sequence[AppliedLora] = ()):
+def _load_pipeline(plan: Plan, adapter: Adapter, wanted: tuple[str, ...], loras: Sequence[AppliedLora] = ()):
     """The family's pipeline with only the `wanted` components loaded (safetensors weights only), the
     LoRAs fused into them."""
     plan.model.fetch(wanted)
     with _model_loading:
         _quiet_loading()
-        own = plan.family.own_components(plan.model.folder, wanted)
+        own = adapter.own_components(plan.model.folder, wanted)
         skipped = {name: None for name in plan.model.components() if name not in wanted or name in own}
         pipe = plan.family.pipeline_class().from_pretrained(
             plan.model.folder, dtype=TORCH_DTYPES[plan.request.dtype], use_safetensors=True, **skipped
@@ -158,71 +175,260 @@ def release(stage: str | None = None) -> None:
         gc.collect()  # pipelines hold reference cycles; free their weights now, not at some later GC
 
 
-# -- stages -------------------------------------------------------------------------------------
+# -- the stage runner -----------------------------------------------------------------------------
+class Stage(ABC):
+    """One stage's part in the runner: what it produces, when one of its artifacts is done, how its
+    pending artifacts group (each group loads the pipeline once) and batch, and how a batch is computed
+    and written."""
+
+    name: str
+
+    @abstractmethod
+    def artifacts(self, plan: Plan) -> Sequence[Embedding | Item]:
+        """Every artifact of the plan this stage produces, in order."""
+
+    @abstractmethod
+    def key(self, artifact) -> str:
+        """The key a scheduler's unit names the artifact by."""
+
+    @abstractmethod
+    def path(self, artifact) -> str:
+        """The artifact's path in the store."""
+
+    @abstractmethod
+    def is_done(self, plan: Plan, artifact) -> bool:
+        """Whether the store holds the artifact, whole and current."""
+
+    def group(self, artifact) -> Hashable:
+        """Artifacts of one group share the loaded pipeline (the same LoRAs, the same grid point)."""
+        return artifact.point
+
+    def loras(self, artifact) -> Sequence[AppliedLora]:
+        return artifact.point.loras
+
+    def read_inputs(self, plan: Plan, pending: list) -> dict:
+        """What the pending artifacts are computed from, read before any model is loaded (a missing
+        input fails at once)."""
+        return {}
+
+    def batch_size(self, plan: Plan, loaded: _Loaded, group: list) -> int | None:
+        """Items per call for this group (None: decide from the first call, `--batch-size auto`)."""
+        return 1
+
+    @abstractmethod
+    def compute(self, plan: Plan, loaded: _Loaded, batch: list, inputs: dict, progress: Progress) -> Iterator[str]:
+        """Compute and write a batch; yield each artifact's URI as it is written."""
+
+    def run(self, plan: Plan, keys: Iterable[str] | None = None, progress: Progress | None = None) -> StageResult:
+        """Write every missing artifact of the plan (or of those among `keys`); return all their URIs."""
+        progress = progress or Progress()
+        store = plan.store
+        selected = self._select(plan, keys)
+        result = StageResult(self.name, [store.uri_of(self.path(artifact)) for artifact in selected])
+        pending = [artifact for artifact in selected if not self.is_done(plan, artifact)]
+        if not pending:
+            return result
+        check_stage_placement(plan, self.name)
+        inputs = self.read_inputs(plan, pending)
+        for folder in sorted({self.path(artifact).rsplit("/", 1)[0] for artifact in pending}):
+            store.remove_leftovers(folder)
+        with _stage_locks[self.name]:
+            progress.stage_started(self.name, len(pending))
+            for group in _grouped(pending, self.group):
+                loaded, load_seconds = _stage_pipeline(plan, self.name, self.loras(group[0]))
+                result.load_seconds += load_seconds
+                counting = _count_compiles(loaded, result)
+                size = self.batch_size(plan, loaded, group)
+                first = 0
+                while first < len(group):
+                    batch = group[first: first + (size or 1)]
+                    start = time.perf_counter()
+                    measuring = peak_growth(stage_backend(plan, self.name)) if size is None else contextlib.nullcontext([])
+                    with measuring as peak:
+                        for uri in self.compute(plan, loaded, batch, inputs, progress):
+                            progress.item_done(self.name, uri)
+                    seconds = (time.perf_counter() - start) / len(batch)
+                    result.item_seconds.extend([seconds] * len(batch))
+                    result.batch_sizes.append(len(batch))
+                    first += len(batch)
+                    if size is None:  # auto: the first call (one item) tells what an item costs
+                        size = auto_batch_size(plan, self.name, loaded, peak[0] if peak else None)
+                counting()
+            progress.stage_finished(self.name)
+        result.computed = len(pending)
+        return result
+
+    def _select(self, plan: Plan, keys: Iterable[str] | None) -> list:
+        artifacts = list(self.artifacts(plan))
+        if keys is None:
+            return artifacts
+        by_key = {self.key(artifact): artifact for artifact in artifacts}
+        wanted = list(dict.fromkeys(keys))
+        unknown = [key for key in wanted if key not in by_key]
+        if unknown:
+            raise StagediffError(f"{self.name}: key {unknown[0]} is not one of this request's {self.name} artifacts "
+                                 "(are the orchestrator and this worker on the same stagediff version?)")
+        return [by_key[key] for key in wanted]
+
+
+def auto_batch_size(plan: Plan, stage: str, loaded: _Loaded, item_bytes: int | None) -> int:
+    """`--batch-size auto`: as many items as `MEMORY_MARGIN` of the device's free memory holds at
+    `item_bytes` each (what one item's call added at its peak), up to `AUTO_BATCH_CAP`, a multiple of
+    the mesh's `dp` where it has one; the cap where the device reports no memory use."""
+    cache = plan.points[0].settings.cache
+    if stage == DENOISE and cache is not None and cache.decides_per_call:
+        return 1
+    size = AUTO_BATCH_CAP
+    if item_bytes:
+        size = max(1, min(size, int(free_device_bytes(stage_backend(plan, stage)) * MEMORY_MARGIN // item_bytes)))
+    dp = _dp_size(loaded.mesh)
+    return size - size % dp if size >= dp else size
+
+
+def _dp_size(mesh: str | None) -> int:
+    if not mesh:
+        return 1
+    from tpu_ops.mesh import parse_mesh_spec
+
+    return parse_mesh_spec(mesh).get("dp", 1)
+
+
+def _requested_batch(plan: Plan) -> int | None:
+    """The request's `--batch-size`, or None for auto."""
+    return None if plan.request.batch_size == AUTO else plan.request.batch_size
+
+
+class EncodeStage(Stage):
+    name = ENCODE
+
+    def artifacts(self, plan):
+        return plan.embeddings
+
+    def key(self, embedding):
+        return embedding.key
+
+    def path(self, embedding):
+        return embedding.path
+
+    def is_done(self, plan, embedding):
+        return plan.store.has_valid_tensors(embedding.path, embedding.key)
+
+    def group(self, embedding):
+        return embedding.loras
+
+    def loras(self, embedding):
+        return embedding.loras
+
+    def compute(self, plan, loaded, batch, inputs, progress):
+        adapter = adapter_for(plan.family)
+        for embedding in batch:
+            with torch.no_grad():
+                tensors = adapter.encode(loaded.pipe, embedding.prompt, embedding.negative_prompt, embedding.settings)
+            yield plan.store.write_tensors(embedding.path, tensors, embedding.key, embedding.inputs)
+
+
+class DenoiseStage(Stage):
+    name = DENOISE
+
+    def artifacts(self, plan):
+        return plan.items
+
+    def key(self, item):
+        return item.latents_key
+
+    def path(self, item):
+        return item.latents_path
+
+    def is_done(self, plan, item):
+        return plan.store.has_valid_tensors(item.latents_path, item.latents_key)
+
+    def read_inputs(self, plan, pending):
+        # Each needed embedding once.
+        first_user = {item.embedding.key: item for item in reversed(pending)}
+        return {key: _read_embeddings(plan, item) for key, item in first_user.items()}
+
+    def batch_size(self, plan, loaded, group):
+        return _requested_batch(plan)
+
+    def compute(self, plan, loaded, batch, inputs, progress):
+        latents = denoise_batch(plan, loaded.pipe, batch, inputs, batch[0].settings, progress)
+        for index, item in enumerate(batch):
+            yield plan.store.write_tensors(item.latents_path, {"latents": latents[index: index + 1]},
+                                           item.latents_key, item.latents_inputs)
+
+
+class DecodeStage(Stage):
+    name = DECODE
+
+    def artifacts(self, plan):
+        return plan.items
+
+    def key(self, item):
+        return item.latents_key
+
+    def path(self, item):
+        return item.media_path
+
+    def is_done(self, plan, item):
+        return _has_valid_media(plan, item)
+
+    def batch_size(self, plan, loaded, group):
+        requested = _requested_batch(plan)
+        if requested is not None:
+            return requested
+        # The decode's activations grow with the batch: one item's estimate sizes it.
+        vae = loaded.pipe.vae
+        item_bytes = decode_bytes(vae, vae_input_shape(vae, 1, group[0].settings), vae.dtype)
+        return auto_batch_size(plan, DECODE, loaded, item_bytes)
+
+    def compute(self, plan, loaded, batch, inputs, progress):
+        adapter = adapter_for(plan.family)
+        vae = loaded.pipe.vae
+        settings = batch[0].settings
+        latents = [_read_latents(plan, item) for item in batch]
+        shape = vae_input_shape(vae, len(batch), settings)
+        tile = choose_tile(vae, shape, settings.vae_tiling, free_device_bytes(stage_backend(plan, DECODE)))
+        set_tiling(vae, tile)
+        tiling = {"vae_tile": tile} if tiles_used(vae, shape, tile) else {}
+        with torch.no_grad():
+            chunks = adapter.decode(loaded.pipe, torch.cat([a.tensors["latents"] for a in latents]), settings)
+            for item, artifact, frames in zip(batch, latents, _per_item(chunks, len(batch))):
+                checksum = artifact.metadata[CHECKSUM_METADATA]
+                metadata = {**media_metadata(plan, item), LATENTS_CHECKSUM: checksum, **tiling}
+                data = media_bytes(plan.family.media_extension, frames, settings.fps, metadata)
+                yield plan.store.write_bytes(item.media_path, data, {"latents-checksum": checksum})
+
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (EncodeStage(), DenoiseStage(), DecodeStage())}
+
+
+def run_stage(stage: str, plan: Plan, keys: Iterable[str] | None = None, progress: Progress | None = None) -> StageResult:
+    """Run one stage over the plan's artifacts, or those of `keys` (embeddings keys for encode, latents
+    keys for denoise and decode)."""
+    return STAGES[stage].run(plan, keys, progress)
+
+
+def local_executor(plan: Plan, progress: Progress | None = None) -> LocalExecutor:
+    """The executor that runs a plan's units in this process, overlapping encode with the accelerator's
+    stages only where there is an accelerator."""
+    return LocalExecutor(lambda unit: run_stage(unit.stage, plan, unit.keys, progress),
+                         overlap=overlaps_stages(plan.request.backend))
+
+
 def encode(plan: Plan, progress: Progress | None = None) -> StageResult:
     """Write one embeddings file per distinct (prompt, negative prompt) that lacks a valid one."""
-    progress = progress or Progress()
-    store = plan.store
-    embeddings = plan.embeddings
-    result = StageResult(ENCODE, [store.uri_of(e.path) for e in embeddings])
-    pending = [e for e in embeddings if not store.has_valid_tensors(e.path, e.key)]
-    if not pending:
-        return result
-    _remove_leftovers(store, [e.path for e in pending])
-    with _stage_locks[ENCODE]:
-        progress.stage_started(ENCODE, len(pending))
-        for group in _grouped(pending, lambda embedding: embedding.loras):
-            loaded, load_seconds = _stage_pipeline(plan, ENCODE, group[0].loras)
-            result.load_seconds += load_seconds
-            for embedding in group:
-                start = time.perf_counter()
-                with torch.no_grad():
-                    tensors = plan.family.encode(loaded.pipe, embedding.prompt, embedding.negative_prompt,
-                                                 embedding.settings)
-                uri = store.write_tensors(embedding.path, tensors, embedding.key, embedding.inputs)
-                result.item_seconds.append(time.perf_counter() - start)
-                progress.item_done(ENCODE, uri)
-        progress.stage_finished(ENCODE)
-    result.computed = len(pending)
-    return result
+    return run_stage(ENCODE, plan, progress=progress)
 
 
 def denoise(plan: Plan, progress: Progress | None = None) -> StageResult:
-    """Write one latents file per (prompt, seed) that lacks a valid one, `batch_size` items of one grid
-    point per call."""
-    progress = progress or Progress()
-    store = plan.store
-    items = plan.items
-    result = StageResult(DENOISE, [store.uri_of(item.latents_path) for item in items])
-    pending = [item for item in items if not store.has_valid_tensors(item.latents_path, item.latents_key)]
-    if not pending:
-        return result
-    # Read each needed embedding once, before loading anything: a missing one fails fast.
-    first_user = {item.embedding.key: item for item in reversed(pending)}
-    embeddings = {key: _read_embeddings(plan, item) for key, item in first_user.items()}
-    _remove_leftovers(store, [item.latents_path for item in pending])
-    with _stage_locks[DENOISE]:
-        progress.stage_started(DENOISE, len(pending))
-        batch_size = plan.request.batch_size
-        for group in _grouped(pending, lambda item: item.point):
-            loaded, load_seconds = _stage_pipeline(plan, DENOISE, group[0].point.loras)
-            result.load_seconds += load_seconds
-            counting = _count_compiles(loaded, result)
-            for first in range(0, len(group), batch_size):
-                batch = group[first : first + batch_size]
-                start = time.perf_counter()
-                latents = _denoise_batch(plan, loaded.pipe, batch, embeddings, batch[0].settings, progress)
-                for index, item in enumerate(batch):
-                    uri = store.write_tensors(
-                        item.latents_path, {"latents": latents[index : index + 1]}, item.latents_key, item.latents_inputs
-                    )
-                    progress.item_done(DENOISE, uri)
-                seconds = (time.perf_counter() - start) / len(batch)
-                result.item_seconds.extend([seconds] * len(batch))
-            counting()
-        progress.stage_finished(DENOISE)
-    result.computed = len(pending)
-    return result
+    """Write one latents file per (prompt, seed) that lacks a valid one, batches of one grid point per call."""
+    return run_stage(DENOISE, plan, progress=progress)
+
+
+def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
+    """Write one media file (PNG or MP4) per (prompt, seed) that lacks a valid one, in tiles when
+    `--vae-tiling` asks or the device's memory needs them."""
+    return run_stage(DECODE, plan, progress=progress)
 
 
 def denoise_in_memory(plan: Plan, items: list[Item], settings: Settings) -> torch.Tensor:
@@ -231,66 +437,23 @@ def denoise_in_memory(plan: Plan, items: list[Item], settings: Settings) -> torc
     embeddings = {item.embedding.key: _read_embeddings(plan, item) for item in items}
     with _stage_locks[DENOISE]:
         loaded, _ = _stage_pipeline(plan, DENOISE, items[0].point.loras)
-        return _denoise_batch(plan, loaded.pipe, items, embeddings, settings, Progress())
+        return denoise_batch(plan, loaded.pipe, items, embeddings, settings, Progress())
 
 
-def _denoise_batch(plan: Plan, pipe, batch: list[Item], embeddings: dict, settings: Settings,
-                   progress: Progress) -> torch.Tensor:
+def denoise_batch(plan: Plan, pipe, batch: list[Item], embeddings: dict, settings: Settings,
+                  progress: Progress) -> torch.Tensor:
+    """The latents of a batch of items, from their embeddings, in one call of the family's denoise."""
+    adapter = adapter_for(plan.family)
     generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch]
     backend = stage_backend(plan, DENOISE)
-    with torch.no_grad(), step_cache.applied(pipe, plan.family.denoiser_component, settings, backend):
-        return plan.family.denoise(
+    with torch.no_grad(), step_cache.applied(pipe, adapter, settings, backend):
+        return adapter.denoise(
             pipe,
             [embeddings[item.embedding.key] for item in batch],
             generators,
             settings,
             on_step=lambda index, total: progress.step(DENOISE, index, total),
         )
-
-
-def decode(plan: Plan, progress: Progress | None = None) -> StageResult:
-    """Write one media file (PNG or MP4) per (prompt, seed) that lacks a valid one, `batch_size` items
-    per call, in tiles when `--vae-tiling` asks or the device's memory needs them."""
-    progress = progress or Progress()
-    store = plan.store
-    items = plan.items
-    extension = plan.family.media_extension
-    result = StageResult(DECODE, [store.uri_of(item.media_path) for item in items])
-    pending = [item for item in items if not _has_valid_media(plan, item)]
-    if not pending:
-        return result
-    _remove_leftovers(store, [item.media_path for item in pending])
-    with _stage_locks[DECODE]:
-        loaded, result.load_seconds = _stage_pipeline(plan, DECODE)
-        counting = _count_compiles(loaded, result)
-        progress.stage_started(DECODE, len(pending))
-        vae = loaded.pipe.vae
-        free_bytes = free_device_bytes(stage_backend(plan, DECODE))
-        batch_size = plan.request.batch_size
-        for group in _grouped(pending, lambda item: item.point):
-            settings = group[0].settings
-            for first in range(0, len(group), batch_size):
-                batch = group[first : first + batch_size]
-                start = time.perf_counter()
-                latents = [_read_latents(plan, item) for item in batch]
-                shape = vae_input_shape(vae, len(batch), settings)
-                tile = choose_tile(vae, shape, settings.vae_tiling, free_bytes)
-                set_tiling(vae, tile)
-                tiling = {"vae_tile": tile} if tiles_used(vae, shape, tile) else {}
-                with torch.no_grad():
-                    chunks = plan.family.decode(loaded.pipe, torch.cat([a.tensors["latents"] for a in latents]), settings)
-                    for item, artifact, frames in zip(batch, latents, _per_item(chunks, len(batch))):
-                        checksum = artifact.metadata[CHECKSUM_METADATA]
-                        metadata = {**media_metadata(plan, item), LATENTS_CHECKSUM: checksum, **tiling}
-                        data = media_bytes(extension, frames, settings.fps, metadata)
-                        uri = store.write_bytes(item.media_path, data, {"latents-checksum": checksum})
-                        progress.item_done(DECODE, uri)
-                seconds = (time.perf_counter() - start) / len(batch)
-                result.item_seconds.extend([seconds] * len(batch))
-        progress.stage_finished(DECODE)
-        counting()
-    result.computed = len(pending)
-    return result
 
 
 def _per_item(chunks: Iterator[np.ndarray], batch: int) -> list[Iterable[np.ndarray]]:
@@ -316,19 +479,13 @@ def _count_compiles(loaded: _Loaded, result: StageResult):
     return finish
 
 
-def _grouped(pending: list, same: Callable) -> Iterable[list]:
+def _grouped(pending: list, same) -> Iterable[list]:
     """The pending artifacts in groups that share `same(artifact)` (a grid point, LoRAs), in order of
     first appearance: each group loads its stage pipeline once."""
     groups: dict = {}
     for artifact in pending:
         groups.setdefault(same(artifact), []).append(artifact)
     return groups.values()
-
-
-def _remove_leftovers(store, paths: list[str]) -> None:
-    """Delete what killed writers left in the folders this stage writes to."""
-    for folder in sorted({path.rsplit("/", 1)[0] for path in paths}):
-        store.remove_leftovers(folder)
 
 
 def _has_valid_media(plan: Plan, item: Item) -> bool:

@@ -23,9 +23,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import fsspec
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from stagediff import __version__
 from stagediff.errors import CorruptArtifact, StagediffError, one_line
@@ -51,8 +49,10 @@ def content_key(inputs: Mapping) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+def tensor_checksum(tensors: Mapping[str, "torch.Tensor"]) -> str:
     """sha256 over names, dtypes, shapes and raw bytes of the tensors, in name order."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
@@ -128,8 +128,11 @@ class Store:
                 for info in infos if info.get("type") == "file"}
 
     # -- tensors -------------------------------------------------------------------------------
-    def write_tensors(self, relative: str, tensors: Mapping[str, torch.Tensor], key: str, inputs: Mapping) -> str:
-        """Write tensors (dtype kept) with their key, key inputs, checksum and version; return the URI."""
+    def write_tensors(self, relative: str, tensors: Mapping[str, "torch.Tensor"], key: str, inputs: Mapping) -> str:
+        """Write tensors (dtype kept) with their key, key inputs, checksum and version; return the URI.
+        (Only the stages read and write tensors: torch is imported here, not with the store.)"""
+        from safetensors.torch import save_file
+
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
         metadata = {
             KEY_METADATA: key,
@@ -147,6 +150,8 @@ class Store:
         """Read and verify tensors with their metadata. Raises CorruptArtifact if they do not parse or
         match key/checksum, FileNotFoundError if absent; I/O errors propagate as they are (transient:
         the caller retries, nothing is recomputed)."""
+        from safetensors.torch import load_file
+
         with self._local_copy(relative) as local:
             metadata = read_safetensors_header(local, uri=self.uri_of(relative))
             try:
@@ -159,7 +164,7 @@ class Store:
             raise CorruptArtifact(f"artifact {self.uri_of(relative)} fails its checksum")
         return Artifact(tensors, metadata)
 
-    def read_tensors(self, relative: str, key: str) -> dict[str, torch.Tensor]:
+    def read_tensors(self, relative: str, key: str) -> dict[str, "torch.Tensor"]:
         """Read and verify tensors (see `read_artifact`)."""
         return self.read_artifact(relative, key).tensors
 
@@ -301,7 +306,7 @@ class Listed:
 class Artifact:
     """Verified tensors of a stored artifact and its safetensors metadata."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, "torch.Tensor"]
     metadata: dict[str, str]
 
 

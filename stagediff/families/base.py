@@ -1,30 +1,25 @@
-"""The protocol every model family implements, and the settings it resolves.
+"""What a model family is, as planning sees it: which diffusers pipeline it reproduces, which
+components each stage loads, the defaults the pipeline chooses, which settings change which
+artifact's bytes, and what it cannot run.
 
-A family adapter owns only the numerics that differ between model families: which pipeline
-components each stage needs, how prompts become embedding tensors, how the denoise loop turns
-embeddings and seeds into latents, and how latents become pixels. Loading, storing, keys,
-batching and orchestration are shared and live elsewhere.
+No tensor code here (this module and its family modules import no torch): the numerics of each
+family (how prompts become embeddings, how latents become pixels) are its adapter in
+`stagediff.adapters`, which only the stages load.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
 from stagediff.errors import StagediffError
 
 if TYPE_CHECKING:
-    from stagediff.step_cache import StepCache
-
-StepCallback = Callable[[int, int], None]
-"""Called as `on_step(step_index, total_steps)` after each denoise step."""
+    from stagediff.cache_spec import StepCache
 
 
 @dataclass(frozen=True)
@@ -48,8 +43,8 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-class FamilyAdapter(ABC):
-    """One model family (SDXL, FLUX.1, ...) behind the three stage operations."""
+class Family(ABC):
+    """One model family (SDXL, FLUX.1, ...): its pipeline, components, defaults and key settings."""
 
     name: str
     """Family name used in the store layout and CLI (`sdxl`, `flux1`, ...)."""
@@ -64,16 +59,22 @@ class FamilyAdapter(ABC):
     default_negative_prompt: str = ""
     uses_negative_prompt: bool = True
     """False for families whose pipeline takes no negative prompt: asking for one is an error."""
-    latents_field: str = "images"
-    """The field of the pipeline's output that holds latents with `output_type="latent"`."""
     step_cache_hooks: bool = True
     """Whether diffusers has step-cache hooks (`enable_cache`) for this family's denoiser."""
     unsupported_cache_methods: dict[str, str] = {}
     """Step-cache methods that cannot run on this family, with the reason."""
+    ships_magcache_ratios: bool = False
+    """Whether diffusers ships MagCache's magnitude ratios for this family (its adapter reads them)."""
+
+    def components_of(self, stage: str) -> tuple[str, ...]:
+        """The pipeline components a stage loads (`encode`, `denoise` or `decode`)."""
+        return {"encode": self.encode_components, "denoise": self.denoise_components,
+                "decode": self.decode_components}[stage]
 
     @abstractmethod
     def pipeline_class(self) -> type:
-        """The diffusers pipeline class whose components and numerics this family reproduces."""
+        """The diffusers pipeline class whose components and numerics this family reproduces (imported
+        when called)."""
 
     def lora_state_dict(self, path: Path, config_of: Callable[[str], dict]) -> tuple[dict, dict | None, dict | None]:
         """A LoRA file's weights as the pipeline's own loader reads them (kohya and other formats converted,
@@ -82,18 +83,9 @@ class FamilyAdapter(ABC):
                                                                       return_lora_metadata=True)
         return state_dict, None, metadata
 
-    def own_components(self, folder: Path, names: tuple[str, ...]) -> dict[str, Any]:
-        """Components among `names` that this family loads itself rather than through the diffusers
-        pipeline's loader (which then skips them); none by default."""
-        return {}
-
     @abstractmethod
     def default_settings(self, model_index: dict, config_of: Callable[[str], dict]) -> Settings:
         """Defaults as the diffusers pipeline chooses them; `config_of(component)` reads a config."""
-
-    def shipped_magcache_ratios(self) -> list[float] | None:
-        """MagCache's magnitude ratios for this family as diffusers ships them, if it does."""
-        return None
 
     def size_multiple(self, config_of: Callable[[str], dict]) -> int:
         """Height and width must be multiples of this (the VAE factor, times the patch size)."""
@@ -130,88 +122,3 @@ class FamilyAdapter(ABC):
         left out: it depends on the decoding device, and the media records it."""
         tiling = {"vae_tiling": True} if settings.vae_tiling else {}
         return {"format": self.media_extension, "fps": settings.fps, **tiling}
-
-    @abstractmethod
-    def encode(self, pipe, prompt: str, negative_prompt: str | None, settings: Settings) -> dict[str, torch.Tensor]:
-        """Encode one prompt and its negative prompt (None: the pipeline's own default) into named
-        embedding tensors, batch size 1."""
-
-    def guidance_arguments(self, settings: Settings) -> dict:
-        """The pipeline call's guidance arguments for these settings (the CFG scale by default)."""
-        return {"guidance_scale": settings.guidance}
-
-    def denoise(
-        self,
-        pipe,
-        embeddings: list[dict[str, torch.Tensor]],
-        generators: list[torch.Generator],
-        settings: Settings,
-        on_step: StepCallback | None = None,
-    ) -> torch.Tensor:
-        """Run the denoise loop for a batch of items; return latents `[B, ...]` as the pipeline's
-        `output_type="latent"` would, item i drawn with `generators[i]` from `embeddings[i]`. By
-        default: the pipeline itself, called with the stacked embeddings in place of prompts."""
-        return self.call_pipeline(pipe, batch_on_device(pipe, embeddings), generators, settings, on_step)
-
-    def call_pipeline(self, pipe, batch: dict[str, torch.Tensor], generators, settings: Settings,
-                      on_step: StepCallback | None = None, **arguments) -> torch.Tensor:
-        """Call the pipeline on embedding tensors (already on its device) for latents; `arguments` are
-        the family's further call arguments."""
-        output = pipe(
-            **batch,
-            **self.guidance_arguments(settings),
-            num_inference_steps=settings.steps,
-            height=settings.height,
-            width=settings.width,
-            generator=generators,
-            output_type="latent",
-            callback_on_step_end=step_reporter(on_step, settings.steps),
-            **arguments,
-        )
-        return getattr(output, self.latents_field)
-
-    def vae_dtype(self, vae) -> torch.dtype:
-        """The dtype the pipeline decodes in (the VAE's own by default)."""
-        return vae.dtype
-
-    @abstractmethod
-    def decode(self, pipe, latents: torch.Tensor, settings: Settings) -> Iterator[np.ndarray]:
-        """Decode latents of a batch of items `[B, ...]` to uint8 frames, yielded in chunks
-        `[B, f, H, W, 3]` as they are decoded (one chunk of one frame for images)."""
-
-
-def batch_on_device(pipe, embeddings: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per-item embedding dicts concatenated along the batch dimension, on the pipeline's device."""
-    device = pipe._execution_device
-    return {name: torch.cat([item[name] for item in embeddings]).to(device) for name in embeddings[0]}
-
-
-def step_reporter(on_step: StepCallback | None, total: int):
-    """A diffusers `callback_on_step_end` that forwards step progress to `on_step`."""
-
-    def callback(pipe, step_index, timestep, callback_kwargs):
-        if on_step is not None:
-            on_step(step_index, total)
-        return callback_kwargs
-
-    return callback
-
-
-def to_uint8_frames(images: torch.Tensor) -> np.ndarray:
-    """Map decoded images in [-1, 1], `[B, C, H, W]`, to uint8 `[B, H, W, C]` as diffusers' postprocess does."""
-    images = (images / 2 + 0.5).clamp(0, 1)
-    array = images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
-    return (array * 255).round().astype(np.uint8)
-
-
-@torch.no_grad()
-def decode_images(vae, latents: torch.Tensor) -> np.ndarray:
-    """The VAE's decode of image latents as one chunk of uint8 frames `[B, 1, H, W, 3]`."""
-    return to_uint8_frames(vae.decode(latents, return_dict=False)[0])[:, None]
-
-
-def to_uint8_videos(videos: torch.Tensor) -> np.ndarray:
-    """Decoded videos `[B, C, f, H, W]` in [-1, 1] → uint8 `[B, f, H, W, C]`."""
-    batch, channels, frames, height, width = videos.shape
-    images = videos.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
-    return to_uint8_frames(images).reshape(batch, frames, height, width, channels)

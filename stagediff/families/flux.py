@@ -1,14 +1,12 @@
 """What every FLUX pipeline (FLUX.1, FLUX.2, FLUX.2-klein) shares: a transformer over 2×2 patches of
 the VAE latents, sizes in multiples of twice the VAE factor, 1024² by default, prompts of at most 512
-tokens, and a decode that ends in `vae.decode`."""
+tokens."""
 
 from __future__ import annotations
 
 from abc import abstractmethod
 
-import torch
-
-from stagediff.families.base import FamilyAdapter, Settings, decode_images
+from stagediff.families.base import Family, Settings
 
 DEFAULT_SAMPLE_SIZE = 128
 """The pipelines' `default_sample_size`, in latent pixels: 1024 image pixels with a VAE factor of 8."""
@@ -16,7 +14,7 @@ MAX_SEQUENCE_LENGTH = 512
 """The pipelines' default `max_sequence_length` for the text encoder."""
 
 
-class FluxFamily(FamilyAdapter):
+class FluxFamily(Family):
     denoise_components = ("scheduler", "transformer")
     decode_components = ("vae",)
     denoiser_component = "transformer"
@@ -29,11 +27,6 @@ class FluxFamily(FamilyAdapter):
     def default_extras(self, model_index: dict, config_of) -> dict:
         """Family options beyond the common settings, with their defaults."""
         return {}
-
-    @abstractmethod
-    def latents_for_vae(self, pipe, latents: torch.Tensor, settings: Settings) -> torch.Tensor:
-        """Stored latents (as `output_type="latent"` returns them) → the VAE decoder's input, as the
-        pipeline computes it after its denoise loop."""
 
     def vae_factor(self, config_of) -> int:
         return 2 ** (len(config_of("vae")["block_out_channels"]) - 1)
@@ -54,8 +47,3 @@ class FluxFamily(FamilyAdapter):
 
     def encoder_settings(self, settings):
         return {"max_sequence_length": MAX_SEQUENCE_LENGTH}
-
-    def decode(self, pipe, latents, settings):
-        vae = pipe.vae
-        latents = self.latents_for_vae(pipe, latents, settings).to(vae.device, vae.dtype)
-        yield decode_images(vae, latents)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import numbers
 
-import torch
-
 from stagediff.errors import StagediffError
-from stagediff.families.flux import MAX_SEQUENCE_LENGTH, FluxFamily
+from stagediff.families.flux import FluxFamily
 
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 3.5
@@ -28,6 +26,7 @@ class Flux1(FluxFamily):
     pipeline_class_names = ("FluxPipeline",)
     encode_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     default_steps = DEFAULT_STEPS
+    ships_magcache_ratios = True
 
     def pipeline_class(self):
         from diffusers import FluxPipeline
@@ -46,36 +45,8 @@ class Flux1(FluxFamily):
     def default_extras(self, model_index, config_of):
         return {"true_cfg": DEFAULT_TRUE_CFG}
 
-    def shipped_magcache_ratios(self):
-        # MagCache's ratios for FLUX.1 (dev and schnell), as diffusers ships them (calibrated on 28 steps).
-        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
-
-        return FLUX_MAG_RATIOS.tolist()
-
     def validate(self, settings, config_of):
         super().validate(settings, config_of)
         true_cfg = settings.extras["true_cfg"]
         if isinstance(true_cfg, bool) or not isinstance(true_cfg, numbers.Real) or not true_cfg >= 1:
             raise StagediffError(f"--true-cfg {true_cfg!r} must be a number of at least 1 for {self.name}")
-
-    def encode(self, pipe, prompt, negative_prompt, settings):
-        tensors = self._encode_one(pipe, prompt, "")
-        # Without a negative prompt FluxPipeline runs no true CFG, whatever `true_cfg_scale` says.
-        if negative_prompt is not None:
-            tensors.update(self._encode_one(pipe, negative_prompt, "negative_"))
-        return tensors
-
-    @staticmethod
-    def _encode_one(pipe, text: str, prefix: str) -> dict[str, torch.Tensor]:
-        embeds, pooled, _text_ids = pipe.encode_prompt(
-            prompt=text, device=torch.device("cpu"), num_images_per_prompt=1, max_sequence_length=MAX_SEQUENCE_LENGTH
-        )
-        return {f"{prefix}prompt_embeds": embeds, f"{prefix}pooled_prompt_embeds": pooled}
-
-    def guidance_arguments(self, settings):
-        return {"guidance_scale": settings.guidance, "true_cfg_scale": settings.extras["true_cfg"]}
-
-    def latents_for_vae(self, pipe, latents, settings):
-        vae = pipe.vae
-        latents = pipe._unpack_latents(latents, settings.height, settings.width, pipe.vae_scale_factor)
-        return latents / vae.config.scaling_factor + vae.config.shift_factor
