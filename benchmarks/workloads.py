@@ -145,7 +145,7 @@ def cached_denoise(args: dict) -> dict:
     import_pipeline_class(args["model"])
     plan = make_plan(_request(args))
     other_seed = _request(args, seeds=[args["other_seed"]])
-    if any(spec.startswith("magcache") for spec in args["caches"]) and plan.family.shipped_magcache_ratios() is None:
+    if any(spec.startswith("magcache") for spec in args["caches"]) and not plan.family.ships_magcache_ratios:
         calibrate_magcache(make_plan(other_seed))
     else:
         stages.encode(make_plan(other_seed))
