@@ -20,8 +20,10 @@ def delivery_probe(value: int) -> int:
 
 
 def test_task_worker_has_what_the_stage_workers_call():
-    worker = TaskWorker(delivery_probe, limit=1)
-    assert worker_id(worker) and isinstance(worker_id(worker), str)
+    async def identity() -> str:
+        return worker_id(TaskWorker(delivery_probe, limit=1))
+
+    assert isinstance(asyncio.run(identity()), str) and asyncio.run(identity())
     assert inspect.iscoroutinefunction(TaskWorker.execute_task_run)
     assert list(inspect.signature(TaskWorker.execute_task_run).parameters) == ["self", "task_run"]
     assert inspect.iscoroutinefunction(execute)

@@ -63,7 +63,8 @@ def test_a_stage_that_fails_once_is_retried_and_the_run_completes(prefect_stack,
     prefect_stack.start_worker("tpu-pool", env={"PYTHONPATH": f"{HOOKS}:{PROJECT_DIR}",
                                                 "STAGEDIFF_TEST_FAIL_ONCE": f"denoise:{marker}"})
     try:
-        result = run_deployment_cli(prefect_stack, "generate/stagediff", params(tiny_sdxl, tmp_path / "store"))
+        result = run_deployment_cli(prefect_stack, "generate/stagediff", params(tiny_sdxl, tmp_path / "store",
+                                                                                unit_items=4))
     finally:
         prefect_stack.kill("worker-tpu-pool")
         prefect_stack.start_worker("tpu-pool")
@@ -88,7 +89,7 @@ def test_a_bad_parameter_fails_a_stage_deployment_run_at_once(prefect_stack, pre
 
 def test_crashed_run_retried_from_the_ui_redoes_only_missing_items(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
     store = tmp_path / "store"
-    parameters = params(tiny_sdxl, store, steps=30, prompts=["a red cat"], seeds=[0, 1, 2, 3])
+    parameters = params(tiny_sdxl, store, steps=30, prompts=["a red cat"], seeds=[0, 1, 2, 3], unit_items=4)
     run_deployment_cli(prefect_stack, "generate/stagediff", parameters, watch=False)
     deadline = time.monotonic() + 300
     while not list(store.glob("latents/sdxl/*.safetensors")) and time.monotonic() < deadline:
