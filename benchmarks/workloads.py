@@ -297,7 +297,8 @@ def flow_in_process(args: dict) -> dict:
     with prefect_test_harness():
         ready = time.perf_counter()
         generate(model=args["model"], prompts=args["prompts"], seeds=args["seeds"], steps=args["steps"],
-                 height=args["height"], width=args["width"], store=args["store"], dispatch="in-process")
+                 height=args["height"], width=args["width"], store=args["store"], dispatch="in-process",
+                 batch_size=args.get("batch_size", 1))
         done = time.perf_counter()
     return {"server_start_seconds": ready - start, "seconds": done - ready}
 
