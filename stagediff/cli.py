@@ -117,6 +117,7 @@ def _generate(args, generate=None) -> int:
 
     plan = _plan(args)
     plan.store.check_writable()
+    _say_where_stages_run(plan, ("encode", "denoise", "decode"))
     if generate is not None:
         manifest_uri = generate(args)
     else:
@@ -142,6 +143,7 @@ def _stage(args) -> int:
 
     plan = _plan(args)
     plan.store.check_writable()
+    _say_where_stages_run(plan, (args.command,))
     progress = TqdmProgress()
     try:
         uris = run_stage(args.command, plan, progress=progress).uris
@@ -150,6 +152,14 @@ def _stage(args) -> int:
     for uri in uris:
         print(uri)
     return 0
+
+
+def _say_where_stages_run(plan, stages) -> None:
+    """Log (stderr) each stage's backend, devices and mesh here; a missing backend fails now."""
+    from stagediff.devices import check_stages_here
+
+    check_stages_here(stages, plan.request.backend, plan.request.mesh,
+                      say=lambda line: print(f"stagediff: {line}", file=sys.stderr))
 
 
 def _calibrate_cache(args) -> int:

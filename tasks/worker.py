@@ -35,6 +35,7 @@ from prefect.settings import get_current_settings
 from prefect.task_worker import TaskWorker
 from websockets.exceptions import ConnectionClosed
 
+from stagediff.devices import log_stage_devices
 from tasks.heartbeats import HEARTBEAT_SECONDS, Heartbeat, read_heartbeats
 from tasks.stage_tasks import STAGE_TASKS
 
@@ -95,6 +96,7 @@ async def serve(stages: list[str]) -> None:
         heartbeat = Heartbeat(worker.client_id, served, can_take_runs=lambda: deliveries.connected)
         beating = asyncio.create_task(heartbeat.keep_beating())
         logger.info("Stage worker %s serving %s", worker.client_id, ", ".join(served))
+        log_stage_devices(served, logger)
         try:
             async for task_run in deliveries:
                 heartbeat.started(task_run.id)
