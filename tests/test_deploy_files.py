@@ -201,7 +201,11 @@ def test_tpu_work_pool_is_created_from_the_template(prefect_stack):
         inspected = prefect_stack.prefect("work-pool", "inspect", name, "--output", "json")
         pool = json.loads(inspected.stdout)
         assert pool["type"] == "kubernetes"
-        assert pool["base_job_template"] == json.loads(JOB_TEMPLATE.read_text())
+        ours = json.loads(JOB_TEMPLATE.read_text())
+        assert pool["base_job_template"]["job_configuration"] == ours["job_configuration"]
+        variables = pool["base_job_template"]["variables"]["properties"]
+        for variable in ("image", "tpu_accelerator", "tpu_topology", "tpu_chips", "pod_watch_timeout_seconds"):
+            assert variables[variable]["default"] == ours["variables"]["properties"][variable]["default"]
     finally:
         prefect_stack.prefect("work-pool", "delete", name)
     assert prefect_stack.prefect("work-pool", "inspect", name, check=False).returncode != 0
