@@ -200,7 +200,8 @@ def _prefect(report: Report) -> None:
     lines.append(f"stage workers {len(workers)} connected" + (":" if workers else
                  " (a batch runs its stages in the generate run's own process)"))
     for worker in sorted(workers, key=lambda worker: worker.get("identifier", "")):
-        served = ", ".join(sorted({served_stage(key) for key in worker.get("task_keys", [])}))
+        stages = {served_stage(key) for key in worker.get("task_keys", [])}
+        served = ", ".join(sorted(stages, key=lambda stage: (STAGES + (stage,)).index(stage)))
         lines.append(f"  {worker.get('identifier', '?')}: {served}")
 
 
