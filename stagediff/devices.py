@@ -20,7 +20,7 @@ TPU_ENV_VARIABLES = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "TPU_W
                      "TPU_CHIPS_PER_HOST_BOUNDS", "TPU_TOPOLOGY")
 """Set on TPU VMs and by GKE in TPU pods (not `TPU_SKIP_MDS_QUERY`: importing jax sets it anywhere)."""
 TPU_FIX = "install libtpu: .venv/bin/pip install -c requirements.lock -e '.[tpu]'"
-CUDA_FIX = ("install torch's CUDA wheel: .venv/bin/pip install torch==2.13.0 "
+CUDA_FIX = ("install torch's CUDA wheel: .venv/bin/pip install torch==2.13.0+cu128 "
             "--index-url https://download.pytorch.org/whl/cu128")
 TORCHAX_FIX = "install it: .venv/bin/pip install -c requirements.lock -e ."
 ENCODE = "encode"
