@@ -176,13 +176,19 @@ def placement_report(stages, requested: str, mesh: str | None, facts: HostFacts)
 
 
 def check_stages_here(stages, requested: str, mesh: str | None, say=print) -> HostFacts:
-    """Say where `stages` will compute on this machine and fail (one line) when the backend the denoise
-    and decode stages need is missing here: before any work."""
+    """For stages that run in this process: fail (one line, nothing else said) when the backend the
+    denoise and decode stages need is missing here or the mesh does not fit its devices, before any
+    work; then say where each stage will compute."""
     facts = gather_facts()
+    if any(stage != ENCODE for stage in stages):
+        if problem := backend_problem(requested, facts):
+            raise StagediffError(problem)
+        if mesh:
+            from stagediff.backends import check_placement
+
+            check_placement(resolved_backend(requested, facts), mesh)
     for line in placement_report(stages, requested, mesh, facts):
         say(line)
-    if any(stage != ENCODE for stage in stages) and (problem := backend_problem(requested, facts)):
-        raise StagediffError(problem)
     return facts
 
 
