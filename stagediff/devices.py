@@ -62,11 +62,15 @@ def host_signs(dev: Path = Path("/dev"), environ=os.environ, which=shutil.which)
     return tuple(tpu), tuple(nvidia)
 
 
-def gather_facts() -> HostFacts:
-    """The facts of this machine: imports torch, jax and torchax (and initialises their devices)."""
+def gather_facts(backend: str | None = None) -> HostFacts:
+    """The facts of this machine: imports torch, jax and torchax (and initialises their devices). With
+    `backend` (what the stages are asked for), only what that choice and its messages need, so a CPU
+    run pays for no jax: jax where torchax is asked for or the host shows TPU signs, torchax where the
+    backend resolves to it."""
     from importlib import metadata
 
     tpu_signs, nvidia_signs = host_signs()
+    needs_jax = backend is None or backend == "torchax" or bool(tpu_signs)
     facts: dict = {"tpu_signs": tpu_signs, "nvidia_signs": nvidia_signs}
     try:
         facts["libtpu"] = metadata.version("libtpu")
@@ -82,16 +86,18 @@ def gather_facts() -> HostFacts:
             facts["cuda_device_count"] = torch.cuda.device_count()
     except Exception:  # reported as torch missing; the stages themselves need it and say so
         pass
-    try:
-        import jax
+    if needs_jax:
+        try:
+            import jax
 
-        facts["jax_backend"] = jax.default_backend()
-        devices = jax.devices()
-        facts["jax_device_kind"] = devices[0].device_kind
-        facts["jax_device_count"] = len(devices)
-    except Exception:
-        pass
-    facts["torchax_error"] = torchax_import_error()
+            facts["jax_backend"] = jax.default_backend()
+            devices = jax.devices()
+            facts["jax_device_kind"] = devices[0].device_kind
+            facts["jax_device_count"] = len(devices)
+        except Exception:
+            pass
+        if backend is None or resolved_backend(backend, HostFacts(**facts)) == "torchax":
+            facts["torchax_error"] = torchax_import_error()
     return HostFacts(**facts)
 
 
@@ -179,7 +185,7 @@ def check_stages_here(stages, requested: str, mesh: str | None, say=print) -> Ho
     """For stages that run in this process: fail (one line, nothing else said) when the backend the
     denoise and decode stages need is missing here or the mesh does not fit its devices, before any
     work; then say where each stage will compute."""
-    facts = gather_facts()
+    facts = gather_facts(requested if any(stage != ENCODE for stage in stages) else "torch")
     if any(stage != ENCODE for stage in stages):
         if problem := backend_problem(requested, facts):
             raise StagediffError(problem)
@@ -195,7 +201,7 @@ def check_stages_here(stages, requested: str, mesh: str | None, say=print) -> Ho
 def log_stage_devices(stages, logger) -> HostFacts:
     """A stage worker's start: where each stage it serves computes with the default backend (auto),
     unusable accelerators, and a torchax that runs asking for `--backend torchax` would miss."""
-    facts = gather_facts()
+    facts = gather_facts()  # runs may ask for any backend: all of it
     for line in [stage_placement(stage, "auto", None, facts) for stage in stages]:
         logger.info("Devices: %s", line)
     for problem in accelerator_problems(facts):

@@ -142,3 +142,16 @@ def test_backend_torchax_without_torchax_fails_before_any_work(tiny_sdxl, tmp_pa
     assert result.stderr.strip().splitlines() == ["stagediff: error: --backend torchax: torchax does not import here (ImportError: torchax is "
                       "not installed in this image); install it: .venv/bin/pip install -c requirements.lock -e ."]
     assert not list(store.rglob("*.safetensors")) and not list(store.rglob("*.png"))
+
+
+def test_a_cpu_run_asks_jax_nothing():
+    code = ("import sys; from stagediff.devices import check_stages_here; "
+            "check_stages_here(('encode', 'denoise', 'decode'), 'auto', None, say=lambda line: None); "
+            "print('jax' in sys.modules, 'torchax' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT, check=True)
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_facts_for_torchax_include_jax_devices_and_torchax():
+    facts = gather_facts("torchax")
+    assert facts.jax_backend == "cpu" and facts.jax_device_count >= 1 and facts.torchax_error is None
