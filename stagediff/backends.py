@@ -91,10 +91,10 @@ def check_placement(backend: str, mesh: str | None) -> None:
     that does not import here (torchax) or a mesh that the backend (resolved here) or this machine's
     devices cannot take."""
     if backend == "torchax":
-        from stagediff.devices import torchax_import_error
+        from stagediff.devices import TORCHAX_FIX, torchax_import_error
 
         if error := torchax_import_error():
-            raise StagediffError(f"--backend torchax: torchax does not import here ({error})")
+            raise StagediffError(f"--backend torchax: torchax does not import here ({error}); {TORCHAX_FIX}")
     if mesh is None:
         return
     if backend != "torchax":

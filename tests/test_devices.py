@@ -155,3 +155,17 @@ def test_a_cpu_run_asks_jax_nothing():
 def test_facts_for_torchax_include_jax_devices_and_torchax():
     facts = gather_facts("torchax")
     assert facts.jax_backend == "cpu" and facts.jax_device_count >= 1 and facts.torchax_error is None
+
+
+def test_a_stage_on_a_worker_without_torchax_refuses_torchax_before_loading(tmp_path):
+    """The check where a stage runs (a stage worker, a stage flow run): `check_placement`."""
+    shadow = tmp_path / "shadow" / "torchax"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no torchax here')\n")
+    code = ("from stagediff.backends import check_placement\nfrom stagediff.errors import StagediffError\n"
+            "check_placement('torch', None)\ntry:\n    check_placement('torchax', None)\n"
+            "except StagediffError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True,
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path / 'shadow'}{os.pathsep}{PROJECT}"})
+    assert result.stdout.strip() == ("--backend torchax: torchax does not import here (ImportError: no torchax here); "
+                                     "install it: .venv/bin/pip install -c requirements.lock -e .")
