@@ -87,8 +87,14 @@ def torch_device() -> torch.device:
 
 
 def check_placement(backend: str, mesh: str | None) -> None:
-    """Fail with a one-line error, where the stage runs and before it writes anything, for a mesh that
-    the backend (resolved here) or this machine's devices cannot take."""
+    """Fail with a one-line error, where the stage runs and before it writes anything, for a backend
+    that does not import here (torchax) or a mesh that the backend (resolved here) or this machine's
+    devices cannot take."""
+    if backend == "torchax":
+        from stagediff.devices import TORCHAX_FIX, torchax_import_error
+
+        if error := torchax_import_error():
+            raise StagediffError(f"--backend torchax: torchax does not import here ({error}); {TORCHAX_FIX}")
     if mesh is None:
         return
     if backend != "torchax":

@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     sheet.add_argument("manifests", nargs="+", metavar="MANIFEST", help="a run's manifest.json (local or gs://)")
     sheet.add_argument("--output", default="contact-sheet.png", help="the PNG to write (default ./contact-sheet.png)")
 
+    doctor = commands.add_parser("doctor", help="versions, devices per backend, caches, the Prefect API and its "
+                                 "stage workers, a store; exit 1 when something a stage needs is missing")
+    doctor.add_argument("--stage", action="append", metavar="STAGE",
+                        help="encode, denoise or decode (repeat or comma-separate; default all): check what they need")
+    doctor.add_argument("--store", help="check that this store (local folder or gs://bucket/prefix) is writable")
+    doctor.add_argument("--backend", default="auto", help="auto, torch or torchax (default auto)")
+    doctor.add_argument("--mesh", help="a torchax mesh to check against this machine's devices, e.g. tp=8")
+
     tiny = commands.add_parser("tiny-model", help="build a tiny random-init model of a family")
     tiny.add_argument("family", help="sdxl, flux1, flux1-schnell, flux2, flux2-klein, flux2-klein-base or wan")
     tiny.add_argument("folder", help="where to write the checkpoint (diffusers layout)")
@@ -94,6 +102,12 @@ def run(args, generate=None) -> int:
     return COMMANDS[args.command](args)
 
 
+def _doctor(args) -> int:
+    from stagediff.doctor import doctor
+
+    return doctor(args)
+
+
 def _tiny_model(args) -> int:
     from stagediff.tiny import build_tiny_model
 
@@ -117,6 +131,7 @@ def _generate(args, generate=None) -> int:
 
     plan = _plan(args)
     plan.store.check_writable()
+    _say_where_stages_run(plan, ("encode", "denoise", "decode"))
     if generate is not None:
         manifest_uri = generate(args)
     else:
@@ -142,6 +157,7 @@ def _stage(args) -> int:
 
     plan = _plan(args)
     plan.store.check_writable()
+    _say_where_stages_run(plan, (args.command,))
     progress = TqdmProgress()
     try:
         uris = run_stage(args.command, plan, progress=progress).uris
@@ -150,6 +166,14 @@ def _stage(args) -> int:
     for uri in uris:
         print(uri)
     return 0
+
+
+def _say_where_stages_run(plan, stages) -> None:
+    """Log (stderr) each stage's backend, devices and mesh here; a missing backend fails now."""
+    from stagediff.devices import check_stages_here
+
+    check_stages_here(stages, plan.request.backend, plan.request.mesh,
+                      say=lambda line: print(f"stagediff: {line}", file=sys.stderr))
 
 
 def _calibrate_cache(args) -> int:
@@ -262,7 +286,8 @@ def _contact_sheet(args) -> int:
 
 
 COMMANDS = {"encode": _stage, "denoise": _stage, "decode": _stage, "calibrate-cache": _calibrate_cache,
-            "status": _status, "verify": _verify, "gc": _gc, "contact-sheet": _contact_sheet, "tiny-model": _tiny_model}
+            "status": _status, "verify": _verify, "gc": _gc, "contact-sheet": _contact_sheet, "tiny-model": _tiny_model,
+            "doctor": _doctor}
 
 
 def generate_parameters(args) -> dict:
