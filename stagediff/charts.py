@@ -47,7 +47,7 @@ def line_chart_png(series: Mapping[str, Sequence[tuple[float, float]]], *, title
     draw.rectangle((left, top, right, bottom), outline=INK)
     draw.text((WIDTH // 2, 12), title, fill=INK, font=font, anchor="ma")
     draw.text(((left + right) // 2, HEIGHT - 22), x_label, fill=INK, font=font, anchor="ma")
-    draw.text((8, top - 20), y_label, fill=INK, font=font)
+    draw.text((8, 6), y_label, fill=INK, font=font)
     for number, (name, values) in enumerate(series.items()):
         color = COLORS[number % len(COLORS)]
         pixels = [at(x, y) for x, y in sorted(values)]

@@ -251,7 +251,7 @@ def summary_rows(manifest: dict) -> list[dict]:
 
 def run_score(manifest: dict, scorer: str | None = None) -> float | None:
     """One number for a run: the mean of a scorer's item scores (the first scorer by default)."""
-    names = list(manifest.get("score_summary") or {})
+    names = list(manifest.get("score_summary") or summarize(manifest))
     if not names:
         return None
     name = scorer or names[0]

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from stagediff.charts import line_chart_png
-from stagediff.scoring import run_score
+from stagediff.scoring import run_score, summarize
 from stagediff.store import Store
 
 MAX_RUNS = 60
@@ -35,9 +35,9 @@ def sweep_trend(store: Store, run_prefix: str) -> list[TrendPoint]:
     for path, listed in manifests[-MAX_RUNS:]:
         try:
             manifest = json.loads(store.read_bytes(path))
-        except (OSError, ValueError):
-            continue
-        scores = {name: run_score(manifest, name) for name in manifest.get("score_summary") or {}}
+            scores = {name: run_score(manifest, name) for name in manifest.get("score_summary") or summarize(manifest)}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # not a manifest this version reads
         scores = {name: value for name, value in scores.items() if value is not None}
         if scores:
             points.append(TrendPoint(path.split("/")[1], listed.modified or 0.0, scores))

@@ -112,9 +112,15 @@ def request_of(model, store, clip, **changes) -> Request:
     return Request(**{**values, **changes})
 
 
-def test_generate_scores_every_item_and_summarizes_each_grid_point(tiny_sdxl, tiny_clip, tmp_path):
-    store = tmp_path / "store"
-    manifest = generate(tiny_sdxl, store, "scored", "--guidance", "3", "--guidance", "5", "--score", f"clip:{tiny_clip}")
+@pytest.fixture(scope="module")
+def scored_run(tiny_sdxl, tiny_clip, tmp_path_factory) -> tuple[Path, dict]:
+    """A generated run of 2 prompts × 2 seeds × guidance 3 and 5, scored with the tiny CLIP: (store, manifest)."""
+    store = tmp_path_factory.mktemp("scored") / "store"
+    return store, generate(tiny_sdxl, store, "scored", "--guidance", "3", "--guidance", "5", "--score", f"clip:{tiny_clip}")
+
+
+def test_generate_scores_every_item_and_summarizes_each_grid_point(scored_run, tiny_clip):
+    store, manifest = scored_run
     name = f"clip:{tiny_clip}"
     items = manifest["items"]
     assert len(items) == 8 and all(set(item["scores"]) == {name} for item in items)
@@ -132,6 +138,22 @@ def test_generate_scores_every_item_and_summarizes_each_grid_point(tiny_sdxl, ti
         assert point["std"] == pytest.approx(np.std(values), abs=1e-4)
         assert len(point["worst"]) == 2 and point["worst"][0]["score"] <= point["worst"][1]["score"]
     assert manifest["scorers"][name]["identity"]
+
+
+def test_the_contact_sheet_shows_each_items_scores_under_its_tile(scored_run):
+    from stagediff.contact_sheet import BACKGROUND, SheetRun, sheet_layout
+
+    store, manifest = scored_run
+    layout = sheet_layout([SheetRun("scored", manifest)], (32, 32))
+    assert len(layout.cell_scores) == 8
+    item = manifest["items"][0]
+    assert layout.cell_scores[(0, 0)] == f"clip {next(iter(item['scores'].values())):.2f}"
+    sheet = np.asarray(Image.open(store / "runs/scored/contact-sheet.png").convert("RGB"))
+    assert sheet.shape[1::-1] == layout.size
+    for (row, column) in layout.cell_scores:
+        left, _, right, bottom = layout.cell_box(row, column)
+        under = sheet[bottom + 1: bottom + 1 + 15, left:right]
+        assert (under != BACKGROUND).any(axis=-1).sum() > 20  # the score's text
 
 
 def test_a_rerun_computes_no_score(tiny_sdxl, tiny_clip, tmp_path):
@@ -279,3 +301,38 @@ def test_the_light_core_of_scoring_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- trends across scheduled runs ------------------------------------------------------------------------
+def test_the_trend_chart_has_one_point_per_scored_run_of_the_sweep(tmp_path):
+    import os
+
+    from stagediff import charts
+    from stagediff.store import Store
+    from stagediff.trends import sweep_trend, trend_chart_png
+
+    store = Store(str(tmp_path / "store"))
+    nights = {"sweep-nightly-20261201-030000": RUN_A, "sweep-nightly-20261202-030000": RUN_B,
+              "sweep-nightly-20261203-030000": RUN_A, "other-20261202": RUN_B}
+    for number, (name, manifest) in enumerate(nights.items()):
+        store.write_json(f"runs/{name}/manifest.json", manifest)
+        os.utime(store.path(f"runs/{name}/manifest.json"), (1_800_000_000 + number * 86400,) * 2)
+    store.write_json("runs/sweep-nightly-unscored/manifest.json", {**RUN_A, "items": []})
+
+    points = sweep_trend(store, "sweep-nightly")
+    assert [(point.run_name, point.scores) for point in points] == [
+        ("sweep-nightly-20261201-030000", {"clip": 18.0}), ("sweep-nightly-20261202-030000", {"clip": 21.0}),
+        ("sweep-nightly-20261203-030000", {"clip": 18.0})]
+
+    png = trend_chart_png(points, "sweep-nightly")
+    with Image.open(io.BytesIO(png)) as image:
+        image.verify()
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    left, right = charts.MARGIN_LEFT, charts.WIDTH - charts.MARGIN_RIGHT
+    top, bottom = charts.MARGIN_TOP, charts.HEIGHT - charts.MARGIN_BOTTOM
+    x_low, x_high = charts._span(0, 2)
+    y_low, y_high = charts._span(18.0, 21.0)
+    for number, point in enumerate(points):  # a marker at each run's (run, score)
+        x = round(left + (number - x_low) / (x_high - x_low) * (right - left))
+        y = round(bottom - (point.scores["clip"] - y_low) / (y_high - y_low) * (bottom - top))
+        assert (pixels[y - 2: y + 3, x - 2: x + 3] == charts.COLORS[0]).all(axis=-1).sum() >= 20
