@@ -22,7 +22,7 @@ from stagediff.inventory import Inventory, plan_state
 from stagediff.manifest import default_run_name
 from stagediff.options import request_from_options
 from stagediff.plan import make_plan
-from tasks import write_manifest_task
+from tasks import score_task, write_manifest_task
 
 PROMPTS_PER_CHUNK = {DEPLOYMENTS: 4, "in-process": 1}
 """On pools every chunk is a new flow-run process that loads its model: larger chunks amortise that.
@@ -70,6 +70,9 @@ def orchestrate(parameters: dict) -> str:
     else:
         run_chained(chunks, dispatch, progress)
     progress.finish()
+    if request.scores:
+        # After every chunk, in this flow's process (the CPU host, where encode runs): the scorer only.
+        score_task(request.to_dict())
 
     run_name = parameters["run_name"] or default_run_name(request.model)
     manifest_uri = write_manifest_task(request.to_dict(), run_name, parameters["manifest"])

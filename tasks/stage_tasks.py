@@ -96,6 +96,12 @@ STAGE_TASKS = {"encode": encode_task, "denoise": denoise_task, "decode": decode_
 """The stage tasks by stage name, in pipeline order."""
 
 
+@task(name="score", **STAGE_TASK_OPTIONS)
+def score_task(request: dict) -> list[str]:
+    """Scores of the request's finished items with its scorers (`--score`); returns the score files' URIs."""
+    return _run_stage(lambda plan, progress: stages.run_stage("score", plan, progress=progress), request)
+
+
 @task(name="write-manifest", cache_policy=NO_CACHE)
 def write_manifest_task(request: dict, run_name: str, copy_to: str | None = None) -> str:
     """Write runs/<run_name>/manifest.json (and a copy at `copy_to`); returns its URI."""
