@@ -162,22 +162,29 @@ def stored_scores(plan) -> set[str]:
     return found
 
 
-def read_score(store: Store, task: ScoreTask) -> float | None:
-    """The stored score of a task; None when missing or not a score file of its key."""
+def read_score(store: Store, task: ScoreTask, latents_checksum: str | None = None) -> float | None:
+    """The stored score of a task; None when missing, not a score file of its key, or (given the checksum
+    of the latents the media is now decoded from) a score of media decoded from other latents: stale."""
     try:
         record = json.loads(store.read_bytes(task.path))
     except (FileNotFoundError, ValueError):
         return None
-    value = record.get("score") if isinstance(record, dict) and record.get("key") == task.key else None
+    if not isinstance(record, dict) or record.get("key") != task.key:
+        return None
+    if latents_checksum is not None and record.get("latents_checksum") != latents_checksum:
+        return None
+    value = record.get("score")
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def score_record(task: ScoreTask, value: float, media_uri: str) -> dict:
-    """What a score file holds: the score, its key and key inputs, and what was scored."""
+def score_record(task: ScoreTask, value: float, media_uri: str, latents_checksum: str | None) -> dict:
+    """What a score file holds: the score, its key and key inputs, what was scored, and the checksum of
+    the latents that media was decoded from (a media file decoded again from other latents makes it stale)."""
     from stagediff import __version__
 
     return {"score": float(value), "key": task.key, "inputs": task.inputs, "scorer": task.scorer.name,
-            "prompt": task.item.prompt, "media": media_uri, "stagediff_version": __version__}
+            "prompt": task.item.prompt, "media": media_uri, "latents_checksum": latents_checksum,
+            "stagediff_version": __version__}
 
 
 # -- results ----------------------------------------------------------------------------------------

@@ -426,7 +426,7 @@ class ScoreStage(Stage):
         return task.path
 
     def is_done(self, plan, task: ScoreTask):
-        return read_score(plan.store, task) is not None
+        return read_score(plan.store, task, _latents_checksum(plan, task.item) or "") is not None
 
     def group(self, task: ScoreTask):
         return task.scorer
@@ -465,7 +465,16 @@ class ScoreStage(Stage):
                                      f"{store.uri}: run the decode stage first") from None
         values = loaded.pipe.scores(media, [task.item.prompt for task in batch])
         for task, value in zip(batch, values):
-            yield store.write_json(task.path, score_record(task, value, store.uri_of(task.item.media_path)))
+            record = score_record(task, value, store.uri_of(task.item.media_path), _latents_checksum(plan, task.item))
+            yield store.write_json(task.path, record)
+
+
+def _latents_checksum(plan: Plan, item: Item) -> str | None:
+    """The checksum of the item's latents (from their header), which its current media was decoded from."""
+    try:
+        return plan.store.read_metadata(item.latents_path).get(CHECKSUM_METADATA)
+    except (FileNotFoundError, CorruptArtifact):
+        return None
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (EncodeStage(), DenoiseStage(), DecodeStage(), ScoreStage())}

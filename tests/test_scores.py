@@ -336,3 +336,20 @@ def test_the_trend_chart_has_one_point_per_scored_run_of_the_sweep(tmp_path):
         x = round(left + (number - x_low) / (x_high - x_low) * (right - left))
         y = round(bottom - (point.scores["clip"] - y_low) / (y_high - y_low) * (bottom - top))
         assert (pixels[y - 2: y + 3, x - 2: x + 3] == charts.COLORS[0]).all(axis=-1).sum() >= 20
+
+
+def test_a_score_of_media_decoded_again_from_other_latents_is_stale_and_scored_again(tiny_sdxl, tiny_clip, tmp_path):
+    store = tmp_path / "store"
+    plan = make_plan(request_of(tiny_sdxl, store, tiny_clip, guidance=None))
+    for stage in ("encode", "denoise", "decode", "score"):
+        stages.run_stage(stage, plan)
+    victim = plan.items[1]
+    latents = plan.store.read_tensors(victim.latents_path, victim.latents_key)["latents"]
+    plan.store.write_tensors(victim.latents_path, {"latents": latents + 0.5}, victim.latents_key, victim.latents_inputs)
+    before = snapshot(store)
+
+    assert stages.run_stage("decode", plan).computed == 1
+    assert stages.run_stage(SCORE, plan).computed == 1
+    (task,) = [task for task in score_tasks(plan) if task.item is victim]
+    changed = {path for path, mtime in snapshot(store).items() if before.get(path) != mtime}
+    assert changed == {victim.media_path, task.path}
