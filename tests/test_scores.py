@@ -284,6 +284,29 @@ def test_stagediff_compare_prints_the_differences_and_writes_a_chart_per_run(tmp
         assert (pixels == color).all(axis=-1).sum() > 50
 
 
+def test_compare_reads_manifests_in_a_bucket(emulator, tmp_path, capsys):
+    from gcs_emulator import BUCKET
+    from stagediff import gcs
+
+    for name, manifest in (("night-1", RUN_A), ("night-2", RUN_B)):
+        gcs.filesystem().pipe_file(f"{BUCKET}/compare/runs/{name}/manifest.json", json.dumps(manifest).encode())
+    assert main(["compare", f"gs://{BUCKET}/compare/runs/night-1/manifest.json",
+                 f"gs://{BUCKET}/compare/runs/night-2/manifest.json", "--output", str(tmp_path / "c.png")]) == 0
+    assert "A = night-1, B = night-2" in capsys.readouterr().out and (tmp_path / "c.png").is_file()
+
+
+def test_the_score_command_scores_a_finished_batch(tiny_sdxl, tiny_clip, tmp_path, capsys):
+    store = tmp_path / "store"
+    generate(tiny_sdxl, store, "plain")
+    capsys.readouterr()
+    args = ["score", "--model", str(tiny_sdxl), *(a for p in PROMPTS for a in ("--prompt", p)), "--seeds", "0-1",
+            "--steps", "1", "--height", "32", "--width", "32", "--store", str(store), "--score", f"clip:{tiny_clip}"]
+    assert main(args) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert len(printed) == 4 and all("/scores/clip/" in line and Path(line).is_file() for line in printed)
+    assert not (store / "runs/plain/manifest.json").read_text().count('"scores"')  # the plain run's manifest stays
+
+
 def test_compare_of_an_unscored_run_is_a_one_line_error(tmp_path, capsys):
     plain = {**RUN_A, "items": [{k: v for k, v in item.items() if k != "scores"} for item in RUN_A["items"]]}
     (tmp_path / "a.json").write_text(json.dumps(RUN_A))
