@@ -24,6 +24,11 @@ class ClipScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(scorer.folder)
         self.images = clip_image_processor().from_pretrained(scorer.folder)
 
+    @property
+    def components(self) -> dict:
+        """What it holds, as a pipeline's components are named (`stages.loaded_components`)."""
+        return {"model": self.model, "tokenizer": self.tokenizer, "image_processor": self.images}
+
     @torch.no_grad()
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """Unit-length prompt embeddings `[P, D]` (prompts longer than the model reads are truncated)."""

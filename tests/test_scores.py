@@ -164,13 +164,25 @@ def test_a_rerun_computes_no_score(tiny_sdxl, tiny_clip, tmp_path):
         stages.run_stage(stage, plan)
     before = snapshot(store)
 
+    stages.release()
     again = make_plan(request)
     assert stages.run_stage(SCORE, again).computed == 0
+    assert stages.loaded_components(SCORE) == ()  # nothing to score: nothing loaded
     assert schedule(again, plan_state(again), accelerators=1) == []
     assert generate(tiny_sdxl, store, "again", "--guidance", "3", "--guidance", "5", "--score", f"clip:{tiny_clip}")
     after = snapshot(store)
     assert {path: after[path] for path in before} == before  # nothing rewritten
     assert not [path for path in after if path not in before and not path.startswith("runs/")]
+
+
+def test_the_score_stage_loads_only_the_scorer(tiny_sdxl, tiny_clip, tmp_path):
+    plan = make_plan(request_of(tiny_sdxl, tmp_path / "store", tiny_clip, guidance=None))
+    for stage in ("encode", "denoise", "decode"):
+        stages.run_stage(stage, plan)
+    stages.release()
+    assert stages.run_stage(SCORE, plan).computed == 4
+    assert set(stages._loaded) == {SCORE}
+    assert stages.loaded_components(SCORE) == ("image_processor", "model", "tokenizer")
 
 
 def test_a_changed_scorer_file_gives_new_score_keys_and_scores_everything_once(tiny_sdxl, tiny_clip, tmp_path):
