@@ -85,7 +85,11 @@ class Scorer:
 def open_scorer(spec: ScorerSpec) -> Scorer:
     """The scorer's files made local (a gs:// folder mirrored, a Hub model's configs, tokenizer and
     safetensors weights downloaded) and its identity."""
+    from stagediff.confinement import check_location
+
     reference = spec.model
+    if reference.startswith("gs://") or Path(reference).expanduser().exists():
+        check_location("--score", reference)
     if reference.startswith("gs://"):
         from stagediff.gcs import mirror_folder
 
