@@ -18,7 +18,7 @@ def prefect_api():
     """One ephemeral Prefect server for this module (no workers needed: stages run in-process)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # a busy 2-core machine starts it slowly
         yield
 
 
