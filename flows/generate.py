@@ -41,7 +41,7 @@ def orchestrate(parameters: dict) -> str:
         check_location("manifest", parameters["manifest"])
     plan = make_plan(request)
     plan.store.check_writable()
-    dispatch = resolve_dispatch(parameters["dispatch"])
+    dispatch = resolve_dispatch(parameters["dispatch"], plan.stages)
     logger.info("%d items, stages %s", len(plan.items), WHERE[dispatch])
     run_name = parameters["run_name"] or default_run_name(request.model)
     progress = RunProgress()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stagediff.errors import StagediffError, one_line
+from stagediff.plan import ENCODE
 
 TPU_ENV_VARIABLES = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES",
                      "TPU_CHIPS_PER_HOST_BOUNDS", "TPU_TOPOLOGY")
@@ -23,7 +24,6 @@ TPU_FIX = "install libtpu: .venv/bin/pip install -c requirements.lock -e '.[tpu]
 CUDA_FIX = ("install torch's CUDA wheel: .venv/bin/pip install torch==2.13.0+cu128 "
             "--index-url https://download.pytorch.org/whl/cu128")
 TORCHAX_FIX = "install it: .venv/bin/pip install -c requirements.lock -e ."
-ENCODE = "encode"
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,25 @@ def placement_report(stages, requested: str, mesh: str | None, facts: HostFacts)
     return [stage_placement(stage, requested, mesh, facts) for stage in stages] + accelerator_problems(facts)
 
 
+def check_placement(backend: str, mesh: str | None) -> None:
+    """Fail with a one-line error, where the stage runs and before it writes anything, for a backend
+    that does not import here (torchax) or a mesh that the backend (resolved here) or this machine's
+    devices cannot take."""
+    if backend == "torchax":
+        if error := torchax_import_error():
+            raise StagediffError(f"--backend torchax: torchax does not import here ({error}); {TORCHAX_FIX}")
+    if mesh is None:
+        return
+    if backend != "torchax":
+        raise StagediffError(f"--mesh {mesh} needs --backend torchax")
+    from tpu_ops.mesh import MeshError, make_mesh
+
+    try:
+        make_mesh(mesh)
+    except MeshError as error:
+        raise StagediffError(str(error)) from None
+
+
 def check_stages_here(stages, requested: str, mesh: str | None, say=print) -> HostFacts:
     """For stages that run in this process: fail (one line, nothing else said) when the backend the
     denoise and decode stages need is missing here or the mesh does not fit its devices, before any
@@ -190,8 +209,6 @@ def check_stages_here(stages, requested: str, mesh: str | None, say=print) -> Ho
         if problem := backend_problem(requested, facts):
             raise StagediffError(problem)
         if mesh:
-            from stagediff.backends import check_placement
-
             check_placement(resolved_backend(requested, facts), mesh)
     for line in placement_report(stages, requested, mesh, facts):
         say(line)

@@ -113,8 +113,7 @@ def _devices(report: Report, stages, backend: str, mesh: str | None) -> None:
             report.problems.append(problem)
         report.problems.extend(accelerator_problems(facts))
         if mesh:
-            from stagediff.backends import check_placement
-            from stagediff.devices import resolved_backend
+            from stagediff.devices import check_placement, resolved_backend
 
             try:
                 check_placement(resolved_backend(backend, facts), mesh)

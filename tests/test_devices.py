@@ -162,7 +162,7 @@ def test_a_stage_on_a_worker_without_torchax_refuses_torchax_before_loading(tmp_
     shadow = tmp_path / "shadow" / "torchax"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('no torchax here')\n")
-    code = ("from stagediff.backends import check_placement\nfrom stagediff.errors import StagediffError\n"
+    code = ("from stagediff.devices import check_placement\nfrom stagediff.errors import StagediffError\n"
             "check_placement('torch', None)\ntry:\n    check_placement('torchax', None)\n"
             "except StagediffError as error:\n    print(error)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True,
