@@ -1,5 +1,5 @@
-# stagediff on CPU: encode workers (python -m tasks.worker --stages encode), generate/sweep runs (the flow
-# host and a process worker on cpu-pool), and the Kubernetes worker of an ephemeral tpu-pool.
+# stagediff on CPU: encode and score workers (python -m tasks.worker --stages encode,score), generate/sweep
+# runs (a process worker on cpu-pool), and the Kubernetes worker of an ephemeral tpu-pool.
 # Build from the repository root:  docker build -t stagediff .   (Dockerfile.tpu: the TPU variant)
 FROM python:3.11-slim
 
@@ -31,4 +31,4 @@ ENV PATH=/app/.venv/bin:$PATH \
 VOLUME ["/cache"]
 USER stagediff
 # No ENTRYPOINT: Kubernetes `command`/`args` and Prefect's job template replace this command whole.
-CMD ["python", "-m", "tasks.worker", "--stages", "encode"]
+CMD ["python", "-m", "tasks.worker", "--stages", "encode,score"]

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
-DOCKERFILES = {"Dockerfile": "encode", "Dockerfile.tpu": "denoise,decode"}
+DOCKERFILES = {"Dockerfile": "encode,score", "Dockerfile.tpu": "denoise,decode"}
 CACHE_VARIABLES = ("STAGEDIFF_MODEL_CACHE", "STAGEDIFF_COMPILE_CACHE", "STAGEDIFF_DIGEST_CACHE")
 JOB_TEMPLATE = PROJECT / "deploy" / "prefect" / "tpu-pool-job-template.json"
-STAGES = {"encode", "denoise", "decode"}
+STAGES = {"encode", "denoise", "decode", "score"}
 
 
 def instructions(dockerfile: str) -> list[tuple[str, str]]:
@@ -137,9 +137,9 @@ def test_deployments_refer_to_what_exists():
                 assert module_exists(module), f"{name} runs python -m {module}, which does not exist"
 
 
-def test_encode_workers_serve_encode_on_the_cpu_image():
+def test_encode_workers_serve_encode_and_score_on_the_cpu_image():
     [container] = deployments()["stagediff-encode-workers"]["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["python", "-m", "tasks.worker", "--stages", "encode"]
+    assert container["command"] == ["python", "-m", "tasks.worker", "--stages", "encode,score"]
     assert container["image"].endswith("/stagediff:latest")
     assert "google.com/tpu" not in json.dumps(container["resources"])
 
