@@ -226,7 +226,7 @@ def test_scoring_a_finished_run_schedules_only_score_units_on_the_cpu_lane(tiny_
 
 
 def test_score_is_an_option_a_request_field_and_a_flow_parameter():
-    from flows.parameters import GENERATE_OPTIONS
+    from flows.generate import GENERATE_OPTIONS
     from stagediff.cli import build_parser
     from stagediff.options import request_from_options
 
