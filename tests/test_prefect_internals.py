@@ -19,7 +19,7 @@ def delivery_probe(value: int) -> int:
     return value
 
 
-def test_task_worker_has_what_the_stage_workers_call():
+def test_task_worker_has_what_the_stage_workers_call(prefect_client):
     async def identity() -> str:
         return worker_id(TaskWorker(delivery_probe, limit=1))
 
