@@ -124,7 +124,7 @@ def test_doctor_shows_the_stage_workers_connected_to_the_server(prefect_stack, t
     assert f"API           {prefect_stack.api_url} (from PREFECT_API_URL): reachable, server 3.8.8" in result.stdout
     assert "stage workers 2 connected:" in result.stdout
     served = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("    ")]
-    assert sorted(served) == ["denoise, decode", "encode"]
+    assert sorted(served) == ["denoise, decode", "encode, score"]
     # and each stage worker said at its start where its stages compute
     encode_log = (prefect_stack.logs / "stage-encode.log").read_text()
     accelerator_log = (prefect_stack.logs / "stage-accelerator-0.log").read_text()
