@@ -3,12 +3,14 @@ Hugging Face blob hashes; safetensors only; model loads are safe in several thre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,43 @@ def test_each_stage_fetches_only_its_own_components_from_the_hub(tiny_sdxl, tmp_
     assert all(path.endswith(".json") for path in fetched["encode"] if "/" in path and path.split("/")[0] in ("unet", "vae"))
     assert not any(path.endswith(".bin") for paths in fetched.values() for path in paths)
     assert len(list((tmp_path / "store/media").glob("*.png"))) == 1
+
+
+def test_a_same_size_same_mtime_rewrite_is_hashed_again(tmp_path, monkeypatch):
+    """`cp -p` of other bytes, or a rewrite followed by `os.utime`: size, mtime and inode stay; the
+    ctime moves, as git's index notices."""
+    monkeypatch.setenv(fingerprints.CACHE_VARIABLE, str(tmp_path / "digests"))
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"a" * 4096)
+    stat = path.stat()
+    first = fingerprints.file_digest(path)
+    time.sleep(0.01)
+    with open(path, "r+b") as file:  # in place: the same inode
+        file.write(b"b" * 4096)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino) == (
+        stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    assert fingerprints.file_digest(path) != first
+
+
+def test_links_into_a_hub_cache_from_elsewhere_claim_no_blob_identity(tmp_path, monkeypatch):
+    """A folder of links into another model's blobs is hashed, not named by those blobs; the cache's
+    own snapshot links are."""
+    monkeypatch.setenv(fingerprints.CACHE_VARIABLE, str(tmp_path / "digests"))
+    repo = tmp_path / "hub" / "models--org--real"
+    blob = repo / "blobs" / ("a" * 64)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"not what the name says")
+    inside = repo / "snapshots" / ("0" * 40) / "unet" / "w.safetensors"
+    inside.parent.mkdir(parents=True)
+    inside.symlink_to(blob)
+    elsewhere = tmp_path / "my-model" / "unet" / "w.safetensors"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.symlink_to(blob)
+    other_repo = tmp_path / "hub" / "models--org--other" / "snapshots" / ("1" * 40) / "w.safetensors"
+    other_repo.parent.mkdir(parents=True)
+    other_repo.symlink_to(blob)
+    assert fingerprints.file_digest(inside) == "hf:" + "a" * 64
+    hashed = "sha256:" + hashlib.sha256(b"not what the name says").hexdigest()
+    assert fingerprints.file_digest(elsewhere) == hashed
+    assert fingerprints.file_digest(other_repo) == hashed
