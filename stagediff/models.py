@@ -100,7 +100,9 @@ class Model:
         if self.hub:
             return sorted(path for path in self.hub.file_digests if path.startswith(f"{component}/"))
         root = self.folder / component
-        return sorted(str(path.relative_to(self.folder)) for path in root.rglob("*") if path.is_file())
+        # A download in progress (a gs:// mirror being refreshed) is no file of the model's.
+        return sorted(str(path.relative_to(self.folder)) for path in root.rglob("*")
+                      if path.is_file() and not (path.name.startswith(".") and path.name.endswith(".partial")))
 
     def _file_digest(self, path: str) -> str:
         return self.hub.file_digests[path] if self.hub else file_digest(self.folder / path)

@@ -152,3 +152,43 @@ def test_cli_generate_with_a_gs_store(tiny_sdxl, emulator, tmp_path):
     assert process.returncode == 0, process.stderr[-2000:]
     manifest = json.loads(gcs.filesystem().cat_file(f"{BUCKET}/cli/runs/cli/manifest.json"))
     assert [item["media"].startswith(f"{uri}/media/") for item in manifest["items"]] == [True, True]
+
+
+def test_a_gs_model_mirror_follows_the_bucket_and_two_histories_give_the_same_keys(tiny_sdxl, emulator, tmp_path,
+                                                                                    monkeypatch):
+    """A file removed from the bucket is removed from the mirror: a machine that mirrored the folder
+    while it held the file and one that mirrors it now plan the same keys."""
+    fs = gcs.filesystem()
+    remote = f"{BUCKET}/models/following"
+    fs.put(str(tiny_sdxl), remote, recursive=True)
+    fs.pipe_file(f"{remote}/unet/extra-notes.json", b'{"removed": "later"}')
+    uri = f"gs://{remote}"
+
+    monkeypatch.setenv(gcs.MODEL_CACHE_VARIABLE, str(tmp_path / "machine-a"))
+    old = gcs.mirror_folder(uri)
+    assert (old.folder / "unet/extra-notes.json").exists()
+    fs.rm_file(f"{remote}/unet/extra-notes.json")
+    request = Request(model=uri, prompts=["a cat"], seeds=[0], steps=2, store=str(tmp_path / "store"))
+    followed = gcs.mirror_folder(uri)
+    assert not (followed.folder / "unet/extra-notes.json").exists()
+    assert "unet/extra-notes.json" not in json.loads((followed.folder / gcs.MIRROR_INDEX).read_text())
+    keys_a = [item.latents_key for item in make_plan(request).items]
+
+    monkeypatch.setenv(gcs.MODEL_CACHE_VARIABLE, str(tmp_path / "machine-b"))
+    keys_b = [item.latents_key for item in make_plan(request).items]
+    assert keys_a == keys_b
+
+
+def test_a_mirror_index_left_half_written_is_no_failure(tiny_sdxl, emulator, tmp_path, monkeypatch):
+    """The index is replaced atomically; one a killed process left torn (older versions wrote it in place)
+    makes the next mirror compare every file again instead of failing."""
+    monkeypatch.setenv(gcs.MODEL_CACHE_VARIABLE, str(tmp_path / "cache"))
+    fs = gcs.filesystem()
+    fs.put(str(tiny_sdxl), f"{BUCKET}/models/torn-index", recursive=True)
+    uri = f"gs://{BUCKET}/models/torn-index"
+    mirror = gcs.mirror_folder(uri)
+    index = mirror.folder / gcs.MIRROR_INDEX
+    index.write_text(index.read_text()[:40])
+    assert gcs.mirror_folder(uri).downloaded > 0
+    json.loads(index.read_text())
+    assert [p.name for p in mirror.folder.iterdir() if p.name.endswith(".partial")] == []
