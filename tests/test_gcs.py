@@ -192,3 +192,38 @@ def test_a_mirror_index_left_half_written_is_no_failure(tiny_sdxl, emulator, tmp
     assert gcs.mirror_folder(uri).downloaded > 0
     json.loads(index.read_text())
     assert [p.name for p in mirror.folder.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_a_half_finished_chunk_on_a_bucket_downloads_only_what_it_consumes(tiny_sdxl, emulator, store_uri, monkeypatch):
+    """Decode with one media file missing: the stages decide from listings (the inventory), so the run
+    downloads that item's latents and nothing of the finished items."""
+    request = Request(model=str(tiny_sdxl), prompts=["a cat"], seeds=[0, 1, 2], steps=2, store=store_uri)
+    run_all_stages(request)
+    plan = make_plan(request)
+    missing = plan.items[1]
+    gcs.filesystem().rm_file(plan.store.path(missing.media_path))
+    proxy = FaultyProxy(emulator.port, failures=0)
+    monkeypatch.setenv(gcs.EMULATOR_VARIABLE, proxy.url)
+    try:
+        results = run_all_stages(request)
+    finally:
+        proxy.stop()
+    assert {stage: result.computed for stage, result in results.items()} == {"encode": 0, "denoise": 0, "decode": 1}
+    downloads = [path for method, path, _ in proxy.log if method == "GET" and "alt=media" in path]
+    assert len(downloads) == 1 and missing.latents_key in downloads[0], downloads
+
+
+def test_gc_on_a_bucket_keeps_what_an_unfinished_run_declares(tiny_sdxl, emulator, store_uri, capsys):
+    from stagediff.cli import main
+    from stagediff.run_records import declared_run, plan_paths
+
+    request = Request(model=str(tiny_sdxl), prompts=["a cat"], seeds=[0], steps=2, store=store_uri)
+    plan = make_plan(request)
+    with declared_run(plan.store, "unfinished", plan_paths(plan)):
+        run_all_stages(request)
+    stray = Request(model=str(tiny_sdxl), prompts=["a dog"], seeds=[0], steps=2, store=store_uri)
+    run_all_stages(stray)  # declared by no run
+    assert main(["gc", store_uri, "--unreferenced", "--older-than", "0", "--delete"]) == 0
+    fs = gcs.filesystem()
+    assert all(fs.exists(plan.store.path(path)) for path in plan_paths(plan))
+    assert not any(fs.exists(plan.store.path(path)) for path in plan_paths(make_plan(stray)))
