@@ -187,6 +187,7 @@ def _status_of_run(args) -> int:
     from stagediff.store import Store
 
     check_run_name(args.run)
+    check_location("--store", args.store)
     store = Store(args.store)
     try:
         manifest = json.loads(store.read_bytes(f"runs/{args.run}/manifest.json"))
@@ -213,6 +214,7 @@ def _verify(args) -> int:
     from stagediff.housekeeping import verify
     from stagediff.store import Store
 
+    check_location("--store", args.store)
     store = Store(args.store)
     with tqdm(desc="verify", unit="artifact", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         report = verify(store, repair=args.repair, on_checked=lambda path: bar.update(1))
@@ -228,6 +230,7 @@ def _gc(args) -> int:
     from stagediff.housekeeping import collect, garbage
     from stagediff.store import Store
 
+    check_location("--store", args.store)
     store = Store(args.store)
     report = garbage(store, unreferenced=args.unreferenced, older_than=args.older_than)
     if args.delete:

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from stagediff.confinement import check_run_name
-from stagediff.errors import StagediffError, one_line
+from stagediff.errors import CorruptArtifact, StagediffError, one_line
 from stagediff.manifest import ARTIFACT_FOLDERS, artifact_path
 
 RUNS_FOLDER = "runs"
@@ -63,6 +63,8 @@ class RunRecord:
         self.started = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.wrote_nothing = True
+        """Cleared by the run once any of its work may have been written (see `declared_run`)."""
 
     def _write(self, ended: bool = False) -> None:
         now = time.time()
@@ -85,6 +87,14 @@ class RunRecord:
             except Exception as error:  # a missed beat is retried at the next one; the run goes on
                 logger.warning("run %s: refreshing its record failed: %s", self.run_name, one_line(error))
 
+    def discard(self) -> None:
+        """Stop the heartbeat and remove the record (the run used nothing)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(FileNotFoundError):
+            self.store.remove(record_path(self.run_name))
+
     def end(self) -> None:
         """Stop the heartbeat and mark the record ended (it still protects until it is stale)."""
         self._stop.set()
@@ -99,12 +109,22 @@ class RunRecord:
 @contextlib.contextmanager
 def declared_run(store, run_name: str, paths: Iterable[str],
                  heartbeat_seconds: float = HEARTBEAT_SECONDS) -> Iterator[RunRecord]:
-    """A run record for the duration of the block."""
+    """A run record for the duration of the block. A run that fails on bad input (a one-line
+    `StagediffError`, not a corrupt artifact) while `record.wrote_nothing` still holds leaves no record:
+    bad input leaves nothing behind."""
     record = RunRecord(store, run_name, paths, heartbeat_seconds).start()
     try:
         yield record
-    finally:
+    except StagediffError as error:
+        if record.wrote_nothing and not isinstance(error, CorruptArtifact):
+            record.discard()
+            raise
         record.end()
+        raise
+    except BaseException:
+        record.end()
+        raise
+    record.end()
 
 
 @dataclass

@@ -160,7 +160,7 @@ class BatchRun:
         """Run every unit the batch still needs; return the manifest's URI. The run declares its
         artifacts (its run record) before it looks at the store, and keeps the record fresh until
         its manifest is written."""
-        with declared_run(self.plan.store, self.run_name, plan_paths(self.plan)):
+        with declared_run(self.plan.store, self.run_name, plan_paths(self.plan)) as self._record:
             try:
                 for attempt in range(CORRUPT_INPUT_ATTEMPTS):
                     try:
@@ -186,6 +186,7 @@ class BatchRun:
             self.log(f"{total - done} of {total} items to make: " +
                      ", ".join(f"{count} {stage} runs" for stage, count in counts.items() if count))
             for unit in self._execute(units):
+                self._record.wrote_nothing = False
                 done += unit.items
                 self.on_progress(done, total)
 

@@ -106,3 +106,11 @@ def test_a_leftover_that_cannot_be_removed_never_fails_a_stage(tmp_path, monkeyp
     finally:
         locked.chmod(0o700)
     assert leftover.exists() and "cannot remove leftover" in caplog.text
+
+
+@pytest.mark.parametrize("command", ["verify", "gc"])
+def test_store_upkeep_commands_are_confined_too(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(ALLOWED_ROOTS_VARIABLE, str(tmp_path / "allowed"))
+    for store in (str(tmp_path / "elsewhere"), f"file://{tmp_path}/allowed/store"):
+        assert main([command, store]) == 2
+        assert store in capsys.readouterr().err
