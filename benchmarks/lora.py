@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("STAGEDIFF_COMPILE_CACHE", tempfile.mkdtemp(prefix="stagediff-lora-bench-"))
 
-from run import WORK, model_folder, save_report  # noqa: E402
+from common import WORK, model_folder, save_report  # noqa: E402
 
 SIZE = 128
 LOADS = 3

@@ -45,7 +45,8 @@ def fill(plan, latents_shape=(1, 4, 8, 8)) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from stagediff.media import png_bytes
-    from stagediff.stages import LATENTS_CHECKSUM, media_metadata
+    from stagediff.containers import LATENTS_CHECKSUM
+    from stagediff.stages import media_metadata
     from stagediff.store import tensor_checksum
 
     store = plan.store
@@ -67,7 +68,8 @@ def fill(plan, latents_shape=(1, 4, 8, 8)) -> None:
 
 def no_op(plan, full_reads: bool) -> float:
     """Seconds to decide that nothing is left: stagediff's planning, or every artifact read in full."""
-    from stagediff.batch import pending_chunks
+    from stagediff.inventory import plan_state
+    from stagediff.scheduler import schedule
     from stagediff.media import verified_media_metadata
 
     start = time.perf_counter()
@@ -77,7 +79,7 @@ def no_op(plan, full_reads: bool) -> float:
             assert store.has_valid_tensors(item.latents_path, item.latents_key)
             verified_media_metadata("png", store.read_bytes(item.media_path))
     else:
-        assert pending_chunks(plan, prompts_per_chunk=4) == []
+        assert schedule(plan, plan_state(plan), accelerators=1) == []
     return time.perf_counter() - start
 
 

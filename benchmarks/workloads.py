@@ -145,7 +145,7 @@ def cached_denoise(args: dict) -> dict:
     import_pipeline_class(args["model"])
     plan = make_plan(_request(args))
     other_seed = _request(args, seeds=[args["other_seed"]])
-    if any(spec.startswith("magcache") for spec in args["caches"]) and plan.family.shipped_magcache_ratios() is None:
+    if any(spec.startswith("magcache") for spec in args["caches"]) and not plan.family.ships_magcache_ratios:
         calibrate_magcache(make_plan(other_seed))
     else:
         stages.encode(make_plan(other_seed))
@@ -297,7 +297,8 @@ def flow_in_process(args: dict) -> dict:
     with prefect_test_harness():
         ready = time.perf_counter()
         generate(model=args["model"], prompts=args["prompts"], seeds=args["seeds"], steps=args["steps"],
-                 height=args["height"], width=args["width"], store=args["store"], dispatch="in-process")
+                 height=args["height"], width=args["width"], store=args["store"], dispatch="in-process",
+                 batch_size=args.get("batch_size", 1))
         done = time.perf_counter()
     return {"server_start_seconds": ready - start, "seconds": done - ready}
 

@@ -1,27 +1,32 @@
-"""Where the generate flow runs the stages of a batch:
+"""Where the generate flow runs a batch's units (`stagediff.scheduler`):
 - `warm`: on the long-lived stage workers (`tasks.worker`; see `flows.stage_workers`);
-- `deployments` (ephemeral): each stage of each chunk as a flow run of the stage's deployment on its
-  work pool (`run_deployment`, linked as a subflow so the UI shows the tree), a fresh process per run;
+- `deployments` (ephemeral): each unit as a flow run of its stage's deployment on its work pool, a
+  fresh process (or Kubernetes job) per run, linked as a subflow so the UI shows the tree;
 - `in-process`: as tasks of the generate flow run itself.
 `auto` picks the first that the server offers, in that order."""
 
 from __future__ import annotations
 
+import time
+
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.futures import wait
 
-from flows.stage_workers import StageRunFailed, live_workers
-from stagediff.options import request_from_options
+from flows.stage_workers import StageRunFailed, WarmExecutor, live_workers
+from stagediff.plan import ENCODE, Plan
+from stagediff.scheduler import Executor
 from tasks import STAGE_TASKS
 
 WARM, DEPLOYMENTS, IN_PROCESS = "warm", "deployments", "in-process"
 DISPATCH_CHOICES = ("auto", WARM, DEPLOYMENTS, IN_PROCESS)
 DEPLOYMENT_NAME = "stagediff"
 STAGE_DEPLOYMENTS = {stage: f"{stage}/{DEPLOYMENT_NAME}" for stage in STAGE_TASKS}
-POLL_SECONDS = 1.0
+RUNS_PER_ACCELERATOR = 2
+"""Stage flow runs of one stage in flight per accelerator the pool has."""
 
 
 def resolve_dispatch(requested: str) -> str:
@@ -45,17 +50,92 @@ def stage_deployments_exist() -> bool:
     return True
 
 
-@task(name="run-stage-deployment", task_run_name="{stage}-on-pool", cache_policy=NO_CACHE)
-def run_stage_deployment(stage: str, parameters: dict) -> str:
-    """Run the stage's deployment for one chunk and wait for it; returns the flow run id."""
-    flow_run = run_deployment(STAGE_DEPLOYMENTS[stage], parameters=parameters, poll_interval=POLL_SECONDS, timeout=None)
-    if not flow_run.state or not flow_run.state.is_completed():
-        raise StageRunFailed(f"{stage} flow run {flow_run.name} ended {flow_run.state.name if flow_run.state else 'unknown'}")
-    return str(flow_run.id)
-
-
-def submit_stage(stage: str, chunk_parameters: dict, dispatch: str, wait_for):
-    """Submit one stage for one chunk, after `wait_for`, to a deployment or in-process; returns a future."""
+def executor_for(dispatch: str, plan: Plan, parameters: dict) -> Executor:
+    """The executor of a (resolved) dispatch for a batch whose flow parameters are `parameters`."""
+    if dispatch == WARM:
+        return WarmExecutor(plan)
     if dispatch == DEPLOYMENTS:
-        return run_stage_deployment.submit(stage, chunk_parameters, wait_for=wait_for)
-    return STAGE_TASKS[stage].submit(request_from_options(chunk_parameters).to_dict(), wait_for=wait_for)
+        return DeploymentExecutor(parameters)
+    return TaskExecutor(plan)
+
+
+class TaskExecutor(Executor):
+    """Units as task runs of the generate flow run, in its process: one at a time on a CPU alone, encode
+    beside denoise and decode with an accelerator (as the CLI's `LocalExecutor`)."""
+
+    def __init__(self, plan: Plan):
+        # The stages run here: their libraries load anyway, and their placement is checked now.
+        from stagediff.backends import overlaps_stages
+        from stagediff.stages import STAGES, check_stage_placement
+
+        for stage in STAGES:
+            check_stage_placement(plan, stage)
+        self.batch = plan.request
+        self.overlap = overlaps_stages(plan.request.backend)
+
+    def lane(self, stage):
+        if not self.overlap:
+            return IN_PROCESS
+        return "cpu" if stage == ENCODE else "accelerator"
+
+    def slots(self, stage):
+        return 1
+
+    def submit(self, unit, after):
+        return STAGE_TASKS[unit.stage].submit(unit.request(self.batch).to_dict(), list(unit.keys), wait_for=after)
+
+    def wait(self, handles, timeout):
+        return list(wait(handles, timeout=timeout).done)
+
+    def outcome(self, handle):
+        handle.result()
+
+
+@task(name="run-stage-deployment", task_run_name="{stage}-on-pool")
+def start_stage_flow_run(stage: str, parameters: dict) -> str:
+    """Start one flow run of the stage's deployment (a subflow of this run in the UI); returns its id."""
+    return str(run_deployment(STAGE_DEPLOYMENTS[stage], parameters=parameters, timeout=0).id)
+
+
+class DeploymentExecutor(Executor):
+    """Units as flow runs of the stage deployments on their work pools."""
+
+    def __init__(self, parameters: dict):
+        from flows.stages import STAGE_FLOW_OPTIONS
+
+        self.parameters = {option.name: parameters[option.name] for option in STAGE_FLOW_OPTIONS
+                           if option.name in parameters}
+        self.client = get_client(sync_client=True)
+        self.client.__enter__()
+        self.accelerators = self._pool_accelerators()
+
+    def slots(self, stage):
+        return RUNS_PER_ACCELERATOR * self.accelerators
+
+    def submit(self, unit, after):
+        return start_stage_flow_run(unit.stage, unit.parameters(self.parameters))
+
+    def wait(self, handles, timeout):
+        time.sleep(timeout)
+        runs = self.client.read_flow_runs(flow_run_filter=FlowRunFilter(id={"any_": handles}))
+        self.states = {str(run.id): run.state for run in runs}
+        return [handle for handle in handles if self.states.get(handle) and self.states[handle].is_final()]
+
+    def outcome(self, handle):
+        state = self.states[handle]
+        if not state.is_completed():
+            raise StageRunFailed(f"stage flow run {handle} ended {state.name}: {state.message}")
+
+    def close(self):
+        self.client.__exit__(None, None, None)
+
+    def _pool_accelerators(self) -> int:
+        """The accelerators the denoise deployment's pool has: its concurrency limit when it has one (a
+        Kubernetes pool starts a job per run), else its online workers (a process worker per
+        accelerator)."""
+        deployment = self.client.read_deployment_by_name(STAGE_DEPLOYMENTS["denoise"])
+        pool = self.client.read_work_pool(deployment.work_pool_name)
+        if pool.concurrency_limit:
+            return pool.concurrency_limit
+        workers = self.client.read_workers_for_work_pool(pool.name)
+        return max(1, sum(worker.status == "ONLINE" for worker in workers))

@@ -1,7 +1,7 @@
 """A whole Prefect setup on one machine: server, `cpu-pool` and `tpu-pool`, the deployments of
-prefect.yaml, one process worker per pool (the ephemeral way to run stages) with the flow host that
-starts their flow runs without imports (`flows.flow_host`), and the warm stage workers: one for
-encode, one per accelerator for denoise and decode. Used by `make serve` and by the real-server tests.
+prefect.yaml, one process worker per pool (the ephemeral way to run stages, and where generate runs),
+and the warm stage workers: one for encode, one per accelerator for denoise and decode. Used by
+`make serve` and by the real-server tests.
 
 Run: `python -m flows.local_stack [--port 4200] [--accelerator-workers N]`. SIGTERM, SIGINT (Ctrl-C,
 even when started in the background) and SIGHUP stop everything it started.
@@ -16,14 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import psutil
-
-from flows.flow_launch import HOST_VARIABLE
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 POOLS = ("cpu-pool", "tpu-pool")
@@ -46,12 +43,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def flow_host_socket(port: int) -> Path:
-    """The flow host's socket of the stack on `port`: short on purpose (a Unix socket's path has at
-    most 107 bytes)."""
-    return Path(tempfile.gettempdir()) / f"stagediff-flow-host-{port}.sock"
-
-
 class LocalStack:
     """Starts and stops a Prefect server and workers; every process it starts (and whatever those
     start) is stopped by `stop()`."""
@@ -64,7 +55,6 @@ class LocalStack:
         reach it); None keeps them under `storage`."""
         self.port = port or free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self.flow_host_socket = flow_host_socket(self.port)
         self.storage = self.home / "storage"
         """Where stage runs' parameters and results live: every process submitting or running stage
         runs must use it (on several machines, a shared bucket instead: see the README)."""
@@ -78,7 +68,6 @@ class LocalStack:
             "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", WORKER_QUERY_SECONDS),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "PYTHONPATH": str(PROJECT_DIR),
-            HOST_VARIABLE: str(self.flow_host_socket),
             **(extra_env or {}),
         }
         self.processes: dict[str, subprocess.Popen] = {}
@@ -135,23 +124,6 @@ class LocalStack:
         return self._spawn(f"worker-{pool}", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                            *limit, env=env)
 
-    def start_flow_host(self) -> subprocess.Popen:
-        """Start the flow host the process workers' flow runs are forked from."""
-        return self._spawn("flow-host", "flows.flow_host", "--socket", str(self.flow_host_socket))
-
-    def wait_for_flow_host(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(str(self.flow_host_socket))
-                    return
-                except OSError:
-                    pass
-            if time.monotonic() > deadline or self.processes["flow-host"].poll() is not None:
-                raise RuntimeError(f"the flow host did not start in {timeout:.0f}s; see {self.logs / 'flow-host.log'}")
-            time.sleep(0.2)
-
     def start_stage_worker(self, name: str, stages: str, env: dict | None = None) -> subprocess.Popen:
         """Start a warm stage worker (`tasks.worker`) serving `stages`, logging to logs/<name>.log."""
         return self._spawn(name, "tasks.worker", "--stages", stages, env=env)
@@ -183,7 +155,6 @@ class LocalStack:
 
     def start(self, accelerator_workers: int = 1) -> "LocalStack":
         self.start_server()
-        self.start_flow_host()
         if self.task_storage:
             self.use_task_storage()
         self.create_pools()
@@ -194,7 +165,6 @@ class LocalStack:
         for index in range(accelerator_workers):
             workers.append(self.start_stage_worker(f"stage-accelerator-{index}", STAGE_WORKERS["accelerator"]))
         self.wait_until_connected(*workers)
-        self.wait_for_flow_host()
         return self
 
     def stop(self) -> None:
@@ -208,7 +178,6 @@ class LocalStack:
                 _, alive = psutil.wait_procs(victims, timeout=10)
                 for victim in alive:
                     _signal(victim, signal.SIGKILL)
-        self.flow_host_socket.unlink(missing_ok=True)
 
 
 def _with_descendants(pid: int) -> list[psutil.Process]:
@@ -261,7 +230,7 @@ def main() -> None:
         stack.start(args.accelerator_workers)
         print(f"Prefect UI: http://127.0.0.1:{stack.port}   (export PREFECT_API_URL={stack.api_url})")
         print(f"Stage workers: encode, {args.accelerator_workers} × denoise+decode (warm); process workers on "
-              f"{' and '.join(POOLS)}, their flow runs forked from the flow host. Start a batch with:")
+              f"{' and '.join(POOLS)}. Start a batch with:")
         print(f"  PREFECT_API_URL={stack.api_url} prefect deployment run generate/stagediff --watch --params "
               '\'{"model": "demo-models/tiny-sdxl", "prompts": ["a red fox"], "seeds": [0, 1]}\'')
         print(f"Logs: {stack.logs}. Ctrl-C (or kill) stops the server and every worker.", flush=True)

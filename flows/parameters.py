@@ -1,7 +1,6 @@
-"""Prefect flows whose parameters are the generation options of `stagediff.options` (the CLI's long
-options in snake_case, lists plural). Prefect validates the types before a run starts;
-`request_from_options` then validates the values, so a bad parameter fails the run at once with a
-one-line message."""
+"""Prefect flows whose parameters are options of `stagediff.options` (the CLI's long options in
+snake_case, lists plural). Prefect validates the types before a run starts; `request_from_options`
+then validates the values, so a bad parameter fails the run at once with a one-line message."""
 
 from __future__ import annotations
 
@@ -11,23 +10,11 @@ from typing import Any
 
 from prefect import flow
 
-from flows.dispatch import DISPATCH_CHOICES
-from stagediff.options import GENERATION_OPTIONS, RUN_OPTIONS, Option
-
-ORCHESTRATION_OPTIONS: tuple[Option, ...] = (
-    Option("dispatch", str, "where stages run: warm (long-lived stage workers), deployments (a flow run per "
-           "stage and chunk on the work pools), in-process, or auto: the first of these the server offers",
-           choices=DISPATCH_CHOICES, default="auto"),
-    Option("prompts_per_chunk", int, "prompts per stage run (default: 1 in-process, 4 on work pools, warm: "
-           "two chunks per accelerator worker, at most 32 items each)"),
-)
-"""How the generate flow spreads the work."""
-
-GENERATE_OPTIONS = GENERATION_OPTIONS + RUN_OPTIONS + ORCHESTRATION_OPTIONS
+from stagediff.options import Option
 
 
-def generation_flow(name: str, body: Callable[[dict], Any], description: str,
-                    options: Iterable[Option] = GENERATE_OPTIONS, **flow_options):
+def generation_flow(name: str, body: Callable[[dict], Any], description: str, options: Iterable[Option],
+                    **flow_options):
     """A Prefect flow named `name` whose keyword parameters are `options` (shown with their help in
     the UI); it calls `body(parameters)` with every parameter by name."""
     options = tuple(options)

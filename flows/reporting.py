@@ -23,25 +23,18 @@ SHEET_PREVIEW_PIXELS = 1600
 
 
 class RunProgress:
-    """Items done / total for the whole run: those the store already held, then each chunk's as it
-    finishes, and every item once the run completes."""
+    """Items done / total for the whole run, as a progress artifact: those the store already held, then
+    each decode run's items as it finishes."""
 
-    def __init__(self, total: int, done: int):
-        self.total, self.done = total, done
-        self.artifact_id = create_progress_artifact(self._percent(), description=self._description())
+    def __init__(self):
+        self.artifact_id = None
 
-    def advance(self, items: int) -> None:
-        self.done = min(self.total, self.done + items)
-        update_progress_artifact(self.artifact_id, self._percent(), description=self._description())
-
-    def finish(self) -> None:
-        self.advance(self.total - self.done)
-
-    def _percent(self) -> float:
-        return 100.0 * self.done / self.total
-
-    def _description(self) -> str:
-        return f"{self.done}/{self.total} items"
+    def update(self, done: int, total: int) -> None:
+        percent, description = 100.0 * done / total, f"{done}/{total} items"
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(percent, description=description)
+        else:
+            update_progress_artifact(self.artifact_id, percent, description=description)
 
 
 def artifact_key(run_name: str, kind: str) -> str:

@@ -3,8 +3,8 @@ bucket) × a range of seeds, generating only what the store does not hold yet.""
 
 from __future__ import annotations
 
-from flows.generate import generate
-from flows.parameters import GENERATE_OPTIONS, generation_flow
+from flows.generate import GENERATE_OPTIONS, generate
+from flows.parameters import generation_flow
 from stagediff.errors import StagediffError
 from stagediff.options import Option
 

@@ -62,7 +62,7 @@ class CompiledCausalDecoder:
         return getattr(self.__dict__["step"].module.decoder, name)
 
     def __call__(self, x, feat_cache, feat_idx, first_chunk=False):
-        from tpu_ops.compiled_module import to_torch
+        from tpu_ops.host import to_torch
 
         frames, cache, next_slot = self.step.call_on_device(x, feat_cache, feat_idx[0], first_chunk=first_chunk)
         feat_cache[:] = cache

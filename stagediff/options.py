@@ -61,7 +61,7 @@ class Option:
         """The flow parameter's type, as Prefect validates it and shows it in the UI."""
         one = Literal[self.choices] if self.choices else self.parameter_type or self.value_type
         if self.repeated:
-            return list[one]
+            return list[one] if self.default_value is not None else list[one] | None
         if self.grid:
             return one | list[one] | None
         return one if self.required or self.default_value is not None else one | None

@@ -100,6 +100,8 @@ class Request:
                 parse_mesh_spec(self.mesh)
             except MeshError as error:
                 raise StagediffError(str(error)) from None
+            if self.backend == "torch":
+                raise StagediffError(f"--mesh {self.mesh} needs --backend torchax")
         if not isinstance(self.vae_tiling, bool):
             raise StagediffError(f"--vae-tiling {self.vae_tiling!r} must be true or false")
         from stagediff.cache_spec import parse_cache

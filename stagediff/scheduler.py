@@ -75,12 +75,13 @@ def unit_items(items: int, accelerators: int) -> int:
     return max(1, min(MAX_ITEMS_PER_UNIT, math.ceil(items / units)))
 
 
-def schedule(plan: Plan, state: PlanState, accelerators: int) -> list[Unit]:
-    """The units that finish the batch: what the store (`state`) lacks, nothing else."""
+def schedule(plan: Plan, state: PlanState, accelerators: int, size: int | None = None) -> list[Unit]:
+    """The units that finish the batch: what the store (`state`) lacks, nothing else; `size` items per
+    denoise and decode unit (default `unit_items`)."""
     points = {point: index for index, point in enumerate(plan.points)}
     pending = [item for item in plan.items if state.media[item.media_path] != DONE]
     pending.sort(key=lambda item: points[item.point])  # one pipeline load per grid point, not per item
-    size = unit_items(len(pending), accelerators)
+    size = size or unit_items(len(pending), accelerators)
     units: list[Unit] = []
     encoded: dict[str, int | None] = {}
     """Embedding key → the encode unit that writes it (None: none needed)."""
@@ -150,9 +151,11 @@ class BatchRun:
     """Runs a plan's units on an executor, then writes the run's manifest and contact sheet."""
 
     def __init__(self, plan: Plan, executor: Executor, run_name: str, manifest_copy: str | None = None,
-                 on_progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None):
+                 on_progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None,
+                 unit_items: int | None = None):
         self.plan, self.executor = plan, executor
         self.run_name, self.manifest_copy = run_name, manifest_copy
+        self.unit_items = unit_items
         self.on_progress = on_progress or (lambda done, total: None)
         self.log = log or (lambda message: None)
 
@@ -178,7 +181,7 @@ class BatchRun:
 
     def _run_units(self) -> None:
         state = plan_state(self.plan)
-        units = schedule(self.plan, state, self.executor.accelerators)
+        units = schedule(self.plan, state, self.executor.accelerators, self.unit_items)
         done, total = state.done_items, len(self.plan.items)
         self.on_progress(done, total)
         if units:

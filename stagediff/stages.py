@@ -67,6 +67,9 @@ class _Loaded:
     pipe: object
     compile_seconds: list[float]
     mesh: str | None
+    item_bytes: dict[tuple, int] = field(default_factory=dict)
+    """What one item's call added to the device's memory at its peak, by output shape (`--batch-size auto`
+    measures it once per loaded pipeline)."""
 
 
 _loaded: dict[str, _Loaded] = {}
@@ -255,7 +258,8 @@ class Stage(ABC):
                     result.batch_sizes.append(len(batch))
                     first += len(batch)
                     if size is None:  # auto: the first call (one item) tells what an item costs
-                        size = auto_batch_size(plan, self.name, loaded, peak[0] if peak else None)
+                        loaded.item_bytes[_shape(group[0])] = peak[0] if peak else 0
+                        size = auto_batch_size(plan, self.name, loaded, loaded.item_bytes[_shape(group[0])])
                 counting()
             progress.stage_finished(self.name)
         result.computed = len(pending)
@@ -286,6 +290,12 @@ def auto_batch_size(plan: Plan, stage: str, loaded: _Loaded, item_bytes: int | N
         size = max(1, min(size, int(free_device_bytes(stage_backend(plan, stage)) * MEMORY_MARGIN // item_bytes)))
     dp = _dp_size(loaded.mesh)
     return size - size % dp if size >= dp else size
+
+
+def _shape(item: Item) -> tuple:
+    """What decides an item's memory on a loaded pipeline: its output's size."""
+    settings = item.settings
+    return settings.height, settings.width, settings.frames
 
 
 def _dp_size(mesh: str | None) -> int:
@@ -351,7 +361,10 @@ class DenoiseStage(Stage):
         return {key: _read_embeddings(plan, item) for key, item in first_user.items()}
 
     def batch_size(self, plan, loaded, group):
-        return _requested_batch(plan)
+        requested = _requested_batch(plan)
+        if requested is not None or _shape(group[0]) not in loaded.item_bytes:
+            return requested
+        return auto_batch_size(plan, DENOISE, loaded, loaded.item_bytes[_shape(group[0])])
 
     def compute(self, plan, loaded, batch, inputs, progress):
         latents = denoise_batch(plan, loaded.pipe, batch, inputs, batch[0].settings, progress)
@@ -414,7 +427,10 @@ def run_stage(stage: str, plan: Plan, keys: Iterable[str] | None = None, progres
 
 def local_executor(plan: Plan, progress: Progress | None = None) -> LocalExecutor:
     """The executor that runs a plan's units in this process, overlapping encode with the accelerator's
-    stages only where there is an accelerator."""
+    stages only where there is an accelerator. Every stage runs here: their placement is checked now,
+    before any of them writes."""
+    for stage in STAGES:
+        check_stage_placement(plan, stage)
     return LocalExecutor(lambda unit: run_stage(unit.stage, plan, unit.keys, progress),
                          overlap=overlaps_stages(plan.request.backend))
 

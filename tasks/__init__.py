@@ -1,5 +1,5 @@
-"""Prefect tasks, one per stage: thin wrappers around stagediff.stages."""
+"""Prefect tasks, one per stage: thin wrappers around `stagediff.stages.run_stage`."""
 
-from tasks.stage_tasks import STAGE_TASKS, decode_task, denoise_task, encode_task, write_manifest_task
+from tasks.stage_tasks import STAGE_TASKS, decode_task, denoise_task, encode_task
 
-__all__ = ["STAGE_TASKS", "encode_task", "denoise_task", "decode_task", "write_manifest_task"]
+__all__ = ["STAGE_TASKS", "encode_task", "denoise_task", "decode_task"]

@@ -1,7 +1,9 @@
-"""The encode / denoise / decode Prefect tasks. Each rebuilds the plan from the request (cheap),
-calls one stage, logs where it ran and its timings, publishes progress, and returns artifact URIs:
-never tensors. Their results and parameters are JSON (no pickle), so long-lived stage workers on
-other machines (`tasks.worker`) can run them."""
+"""The encode / denoise / decode Prefect tasks. Each rebuilds the plan from the request (cheap), runs
+one stage over the artifacts of the given keys (one unit of `stagediff.scheduler`; all without keys),
+logs where it ran and its timings, publishes progress, and returns artifact URIs: never tensors. Their
+results and parameters are JSON (no pickle), so long-lived stage workers on other machines
+(`tasks.worker`) can run them. The stage code (torch and the models) is imported where a stage runs,
+not where the tasks are submitted: a generate flow run imports this module and no torch."""
 
 from __future__ import annotations
 
@@ -10,11 +12,10 @@ import socket
 import sys
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.cache_policies import CachePolicy
 
-from stagediff import manifest, stages
 from stagediff.errors import StagediffError
-from stagediff.plan import make_plan
+from stagediff.plan import DECODE, DENOISE, ENCODE, make_plan
 from stagediff.progress import ProgressGroup, TqdmProgress
 from stagediff.request import Request
 from tasks.progress import ArtifactProgress
@@ -24,11 +25,17 @@ RETRIES = 2
 RETRY_DELAYS = [2, 10]
 
 
-def _run_stage(stage, request: dict) -> list[str]:
+def _run_stage(stage: str, request: dict, keys: list[str] | None) -> list[str]:
+    from stagediff.stages import run_stage
+
     logger = get_run_logger()
     plan = make_plan(Request(**request))
     terminal = (TqdmProgress(),) if sys.stderr.isatty() else ()
-    result = stage(plan, progress=ProgressGroup(ArtifactProgress(), *terminal))
+    progress = ProgressGroup(ArtifactProgress(), *terminal)
+    try:
+        result = run_stage(stage, plan, keys, progress)
+    finally:
+        progress.close()
     where = f"{socket.gethostname()} (pid {os.getpid()})"
     if not result.computed:
         logger.info("%s on %s: all %d artifacts already in the store", result.stage, where, len(result.uris))
@@ -39,8 +46,9 @@ def _run_stage(stage, request: dict) -> list[str]:
     compiled = (f", compiled {result.compiles} shapes in {result.compile_seconds:.2f}s "
                 f"({result.compile_cache_hits} from the persistent cache)" if result.compiles else ", compiled nothing")
     per_item = sum(result.item_seconds) / len(result.item_seconds)
-    logger.info("%s on %s: %d new of %d; %s%s; %.3fs per item",
-                result.stage, where, result.computed, len(result.uris), loaded, compiled, per_item)
+    batches = "+".join(str(size) for size in result.batch_sizes)
+    logger.info("%s on %s: %d new of %d; %s%s; %.3fs per item, %s items per call",
+                result.stage, where, result.computed, len(result.uris), loaded, compiled, per_item, batches)
     return result.uris
 
 
@@ -75,28 +83,22 @@ STAGE_TASK_OPTIONS = dict(
 
 
 @task(name="encode", **STAGE_TASK_OPTIONS)
-def encode_task(request: dict) -> list[str]:
-    """Embeddings for the request's prompts; returns their URIs."""
-    return _run_stage(stages.encode, request)
+def encode_task(request: dict, keys: list[str] | None = None) -> list[str]:
+    """Embeddings for the request's prompts (those of `keys`); returns their URIs."""
+    return _run_stage(ENCODE, request, keys)
 
 
 @task(name="denoise", **STAGE_TASK_OPTIONS)
-def denoise_task(request: dict) -> list[str]:
-    """Latents for the request's (prompt, seed) items; returns their URIs."""
-    return _run_stage(stages.denoise, request)
+def denoise_task(request: dict, keys: list[str] | None = None) -> list[str]:
+    """Latents for the request's (prompt, seed) items (those of the latents `keys`); returns their URIs."""
+    return _run_stage(DENOISE, request, keys)
 
 
 @task(name="decode", **STAGE_TASK_OPTIONS)
-def decode_task(request: dict) -> list[str]:
-    """Media files for the request's (prompt, seed) items; returns their URIs."""
-    return _run_stage(stages.decode, request)
+def decode_task(request: dict, keys: list[str] | None = None) -> list[str]:
+    """Media files for the request's (prompt, seed) items (those of the latents `keys`); returns their URIs."""
+    return _run_stage(DECODE, request, keys)
 
 
-STAGE_TASKS = {"encode": encode_task, "denoise": denoise_task, "decode": decode_task}
+STAGE_TASKS = {ENCODE: encode_task, DENOISE: denoise_task, DECODE: decode_task}
 """The stage tasks by stage name, in pipeline order."""
-
-
-@task(name="write-manifest", cache_policy=NO_CACHE)
-def write_manifest_task(request: dict, run_name: str, copy_to: str | None = None) -> str:
-    """Write runs/<run_name>/manifest.json (and a copy at `copy_to`); returns its URI."""
-    return manifest.write_manifest(make_plan(Request(**request)), run_name, copy_to)

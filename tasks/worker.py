@@ -23,62 +23,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import signal
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import TaskRun
-from prefect.client.subscriptions import Subscription
 from prefect.exceptions import ObjectNotFound
-from prefect.logging import get_logger
 from prefect.settings import get_current_settings
 from prefect.task_worker import TaskWorker
-from websockets.exceptions import ConnectionClosed
 
 from tasks.heartbeats import HEARTBEAT_SECONDS, Heartbeat, read_heartbeats
+from tasks.prefect_internals import Deliveries, execute, logger, worker_id
 from tasks.stage_tasks import STAGE_TASKS
 
-RECONNECT_SECONDS = 1.0
 REDELIVERY_WAIT_SECONDS = 3 * HEARTBEAT_SECONDS
 """How long a worker given a run that was started elsewhere waits for that worker's heartbeat."""
-
-logger = get_logger("stagediff.worker")
-
-
-class Deliveries(Subscription[TaskRun]):
-    """The server's scheduled runs of some task keys, one at a time; the server tries the keys in the
-    order given. A run is acknowledged by `acknowledge()`, not on arrival."""
-
-    def __init__(self, task_keys: list[str], client_id: str, api_url: str):
-        super().__init__(TaskRun, "/task_runs/subscriptions/scheduled", task_keys, client_id=client_id, base_url=api_url)
-
-    async def __anext__(self) -> TaskRun:
-        while True:
-            try:
-                await self._ensure_connected()
-                return TaskRun.model_validate_json(await self.websocket.recv())
-            except (OSError, ConnectionClosed) as error:  # the server is restarting or unreachable
-                logger.warning("No connection to the server (%s); connecting again", error)
-                await self._drop_connection()
-                await asyncio.sleep(RECONNECT_SECONDS)
-
-    async def acknowledge(self) -> None:
-        """Tell the server that the run it delivered last has finished."""
-        try:
-            await self.websocket.send(json.dumps({"type": "ack"}))
-        except ConnectionClosed:
-            # The server put the run back in its queue when the connection dropped: whoever runs it
-            # again finds its artifacts in the store.
-            await self._drop_connection()
-
-    @property
-    def connected(self) -> bool:
-        return self._websocket is not None
-
-    async def _drop_connection(self) -> None:
-        if self._websocket is not None:
-            websocket, self._websocket = self._websocket, None
-            await websocket.close()
 
 
 async def serve(stages: list[str]) -> None:
@@ -91,18 +49,19 @@ async def serve(stages: list[str]) -> None:
     tasks = [STAGE_TASKS[name] for name in served]
     worker = TaskWorker(*tasks, limit=1)
     async with worker, get_client() as client:
-        deliveries = Deliveries([task.task_key for task in tasks], worker.client_id, api_url)
-        heartbeat = Heartbeat(worker.client_id, served, can_take_runs=lambda: deliveries.connected)
+        identity = worker_id(worker)
+        deliveries = Deliveries([task.task_key for task in tasks], identity, api_url)
+        heartbeat = Heartbeat(identity, served, can_take_runs=lambda: deliveries.connected)
         beating = asyncio.create_task(heartbeat.keep_beating())
-        logger.info("Stage worker %s serving %s", worker.client_id, ", ".join(served))
+        logger.info("Stage worker %s serving %s", identity, ", ".join(served))
         try:
             async for task_run in deliveries:
                 heartbeat.started(task_run.id)
-                if reason := await _reason_to_skip(client, task_run, worker.client_id):
+                if reason := await _reason_to_skip(client, task_run, identity):
                     logger.info("Skipping %s (%s): %s", task_run.name, task_run.id, reason)
                 else:
                     logger.info("Running %s (%s)", task_run.name, task_run.id)
-                    await worker.execute_task_run(task_run)
+                    await execute(worker, task_run)
                 heartbeat.finished()
                 await deliveries.acknowledge()
         finally:

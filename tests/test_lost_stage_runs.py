@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import datetime
 
-from flows.stage_workers import IDLE_PROOF_SECONDS, ChunkRun, proves_lost
+from flows.stage_workers import IDLE_PROOF_SECONDS, StageRun, proves_lost
+from stagediff.scheduler import Unit
 from tasks.heartbeats import Heartbeats, IdleReport
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
@@ -15,8 +16,9 @@ def at(seconds: float) -> datetime.datetime:
     return T0 + datetime.timedelta(seconds=seconds)
 
 
-def waiting_denoise(submitted: float) -> ChunkRun:
-    return ChunkRun({"prompts": ["a red cat"]}, ["denoise", "decode"], submitted_at=at(submitted))
+def waiting_denoise(submitted: float) -> StageRun:
+    unit = Unit(1, "denoise", ("latents-key",), ("a red cat",), (0,), after=(0,))
+    return StageRun(unit, {"prompts": ["a red cat"]}, submitted_at=at(submitted))
 
 
 def test_a_queued_run_is_lost_once_a_worker_of_its_stage_idled_long_enough_after_it_was_submitted():

@@ -5,12 +5,15 @@ worker processes, as they do for users."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from prefect.client.schemas.filters import FlowRunFilter
 from prefect.states import AwaitingRetry, Crashed
 
-from flows.local_stack import PROJECT_DIR
+from flows.local_stack import POOLS, PROJECT_DIR
 from helpers import HOOKS, latest_run, run_deployment_cli, snapshot, wait_for_state
 
 
@@ -60,7 +63,8 @@ def test_a_stage_that_fails_once_is_retried_and_the_run_completes(prefect_stack,
     prefect_stack.start_worker("tpu-pool", env={"PYTHONPATH": f"{HOOKS}:{PROJECT_DIR}",
                                                 "STAGEDIFF_TEST_FAIL_ONCE": f"denoise:{marker}"})
     try:
-        result = run_deployment_cli(prefect_stack, "generate/stagediff", params(tiny_sdxl, tmp_path / "store"))
+        result = run_deployment_cli(prefect_stack, "generate/stagediff", params(tiny_sdxl, tmp_path / "store",
+                                                                                unit_items=4))
     finally:
         prefect_stack.kill("worker-tpu-pool")
         prefect_stack.start_worker("tpu-pool")
@@ -85,7 +89,7 @@ def test_a_bad_parameter_fails_a_stage_deployment_run_at_once(prefect_stack, pre
 
 def test_crashed_run_retried_from_the_ui_redoes_only_missing_items(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
     store = tmp_path / "store"
-    parameters = params(tiny_sdxl, store, steps=30, prompts=["a red cat"], seeds=[0, 1, 2, 3])
+    parameters = params(tiny_sdxl, store, steps=30, prompts=["a red cat"], seeds=[0, 1, 2, 3], unit_items=4)
     run_deployment_cli(prefect_stack, "generate/stagediff", parameters, watch=False)
     deadline = time.monotonic() + 300
     while not list(store.glob("latents/sdxl/*.safetensors")) and time.monotonic() < deadline:
@@ -133,3 +137,29 @@ def test_sweep_is_scheduled_and_a_new_seed_generates_only_its_items(prefect_stac
     assert {path.split("/")[0] for path in new} == {"latents", "media"} and len(new) == 4
     assert all(second[path] == mtime for path, mtime in first.items())
 
+
+
+def test_pool_workers_started_by_path_from_a_shell_without_the_venv_run_a_batch(prefect_stack, prefect_client,
+                                                                               tiny_sdxl, tmp_path):
+    """The README's plain setup: `.venv/bin/prefect worker start --pool ...` as a service manager or a container
+    entrypoint starts it, with no venv on PATH (the machine's `python` has no Prefect)."""
+    prefect = Path(sys.executable).parent / "prefect"
+    env = {name: value for name, value in prefect_stack.env.items() if name not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = "/usr/bin:/bin"
+    for pool in POOLS:
+        prefect_stack.kill(f"worker-{pool}")
+        with open(prefect_stack.logs / f"plain-worker-{pool}.log", "ab") as log:
+            prefect_stack.processes[f"plain-worker-{pool}"] = subprocess.Popen(
+                [str(prefect), "worker", "start", "--pool", pool, "--type", "process"], cwd=PROJECT_DIR, env=env,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        result = run_deployment_cli(prefect_stack, "generate/stagediff", params(tiny_sdxl, tmp_path))
+    finally:
+        for pool in POOLS:
+            prefect_stack.kill(f"plain-worker-{pool}")
+            prefect_stack.start_worker(pool)
+    assert result.returncode == 0, result.stdout[-2000:]
+    generate_run = latest_run(prefect_client, "generate")
+    assert generate_run.state.is_completed()
+    assert {run.state.name for runs in stage_runs_of(prefect_client, generate_run).values() for run in runs} == {"Completed"}
+    assert len(list(tmp_path.glob("media/*.png"))) == 4

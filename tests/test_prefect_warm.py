@@ -13,7 +13,7 @@ import psutil
 import pytest
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterTaskRunId
 
-from flows.generate import generate, warm_prompts_per_chunk
+from flows.generate import generate
 from helpers import latest_run, run_deployment_cli, snapshot, wait_for_state
 from stagediff.tiny import build_tiny_model
 
@@ -50,14 +50,6 @@ def warm_params(model, store, **extra):
             "width": 64, "store": str(store), **extra}
 
 
-def test_warm_chunks_keep_each_accelerator_busy_and_stay_within_32_items():
-    assert warm_prompts_per_chunk(prompts=12, items=24, accelerators=1) == 6  # 2 chunks for one worker
-    assert warm_prompts_per_chunk(prompts=12, items=24, accelerators=2) == 3  # 4 chunks for two
-    assert warm_prompts_per_chunk(prompts=250, items=1000, accelerators=1) == 8  # 32 items a chunk
-    assert warm_prompts_per_chunk(prompts=1, items=64, accelerators=1) == 1  # one prompt's seeds stay together
-    assert warm_prompts_per_chunk(prompts=3, items=3, accelerators=0) == 2  # no worker yet: as for one
-
-
 def test_second_batch_on_warm_workers_loads_no_model_and_compiles_nothing(prefect_stack, prefect_client, tiny_sdxl,
                                                                          tmp_path):
     accelerator = prefect_stack.processes[ACCELERATOR].pid
@@ -88,7 +80,7 @@ def test_second_batch_on_warm_workers_loads_no_model_and_compiles_nothing(prefec
 
 
 def test_a_worker_killed_mid_denoise_hands_its_run_to_a_new_worker(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
-    parameters = warm_params(tiny_sdxl, tmp_path, prompts=["a red cat"], seeds=[0, 1, 2, 3], steps=15)
+    parameters = warm_params(tiny_sdxl, tmp_path, prompts=["a red cat"], seeds=[0, 1, 2, 3], steps=15, unit_items=4)
     run_deployment_cli(prefect_stack, "generate/stagediff", parameters, watch=False)
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("latents/sdxl/*.safetensors")) and time.monotonic() < deadline:
@@ -111,18 +103,36 @@ def test_a_worker_killed_mid_denoise_hands_its_run_to_a_new_worker(prefect_stack
     assert len(list(tmp_path.glob("media/*.png"))) == 4
 
 
-def test_two_accelerator_workers_denoise_two_chunks_at_the_same_time(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
-    second = prefect_stack.start_stage_worker("stage-accelerator-1", "denoise,decode")
+@pytest.fixture
+def second_accelerator(prefect_stack):
+    """A second warm denoise+decode worker, for one test."""
+    worker = prefect_stack.start_stage_worker("stage-accelerator-1", "denoise,decode")
     try:
-        prefect_stack.wait_until_connected(second)
-        # Long enough to denoise that one chunk is still denoising when the other's encode is seen done.
-        generate(**warm_params(tiny_sdxl, tmp_path, steps=80, dispatch="warm", prompts_per_chunk=1))
-        runs = stage_task_runs(prefect_client, latest_run(prefect_client, "generate"))["denoise"]
-        workers = {stage_report(prefect_client, run)[0] for run in runs}
+        prefect_stack.wait_until_connected(worker)
+        yield worker
     finally:
         prefect_stack.kill("stage-accelerator-1")
+
+
+def test_two_accelerator_workers_denoise_two_units_at_the_same_time(prefect_stack, prefect_client, second_accelerator,
+                                                                     tiny_sdxl, tmp_path):
+    # Long enough to denoise that one unit is still denoising when the other starts.
+    generate(**warm_params(tiny_sdxl, tmp_path, steps=80, dispatch="warm", unit_items=2))
+    runs = stage_task_runs(prefect_client, latest_run(prefect_client, "generate"))["denoise"]
+    workers = {stage_report(prefect_client, run)[0] for run in runs}
     assert len(runs) == 2 and len(workers) == 2
     assert max(run.start_time for run in runs) < min(run.end_time for run in runs)
+
+
+def test_one_prompt_over_24_seeds_is_denoised_by_both_accelerator_workers(prefect_stack, prefect_client,
+                                                                           second_accelerator, tiny_sdxl, tmp_path):
+    generate(**warm_params(tiny_sdxl, tmp_path, prompts=["a red fox"], seeds=["0-23"], steps=10, dispatch="warm"))
+    runs = stage_task_runs(prefect_client, latest_run(prefect_client, "generate"))
+    workers = {stage_report(prefect_client, run)[0] for run in runs["denoise"]}
+
+    assert len(runs["encode"]) == 1 and len(runs["denoise"]) == len(runs["decode"]) == 4  # 6 items each
+    assert workers == {prefect_stack.processes[ACCELERATOR].pid, second_accelerator.pid}
+    assert len(list(tmp_path.glob("media/*.png"))) == 24
 
 
 @pytest.fixture(scope="module")

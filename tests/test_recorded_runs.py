@@ -52,3 +52,28 @@ def test_a_sweep_over_a_prompt_file_renders_the_items_of_the_same_cli_flags(pref
     assert swept == manifest_items(tmp_path / "cli", "by-hand")
     assert [(prompt, negative, seed) for prompt, negative, seed, _ in swept] == [
         ("a red cat", None, 3), ("a red cat", None, 4), ("a blue dog", "blurry", 3), ("a blue dog", "blurry", 4)]
+
+
+def test_the_cli_and_the_warm_flow_make_the_same_artifacts_and_manifest(prefect_client, tiny_sdxl, tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    from flows.generate import generate
+
+    options = dict(prompts=["a red cat", "a blue dog"], seeds=[0, 1, 2], steps=2, height=64, width=64)
+    assert cli.main(["generate", "--model", str(tiny_sdxl), "--prompt", "a red cat", "--prompt", "a blue dog",
+                     "--seeds", "0-2", *SIZE, "--store", str(tmp_path / "cli"), "--run-name", "same"]) == 0
+    generate(model=str(tiny_sdxl), **options, store=str(tmp_path / "flow"), run_name="same", dispatch="warm")
+
+    def artifacts(store: Path) -> set[str]:
+        return {str(path.relative_to(store)) for path in store.rglob("*") if path.is_file()}
+
+    def manifest(store: Path) -> dict:
+        return json.loads((store / "runs/same/manifest.json").read_text().replace(str(store), "STORE"))
+
+    cli_store, flow_store = tmp_path / "cli", tmp_path / "flow"
+    assert artifacts(cli_store) == artifacts(flow_store)
+    assert manifest(cli_store) == manifest(flow_store)
+    for media in cli_store.glob("media/*.png"):
+        ours, theirs = (np.asarray(Image.open(store / "media" / media.name)).astype(int) for store in (cli_store, flow_store))
+        assert np.abs(ours - theirs).max() <= 2

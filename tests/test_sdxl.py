@@ -42,7 +42,8 @@ def test_without_negative_prompt_matches_the_pipeline_default(tiny_sdxl, tmp_pat
 
 
 def test_batched_denoise_equals_one_item_at_a_time(tiny_sdxl, tmp_path):
-    one = Request(model=str(tiny_sdxl), prompts=["a red cat"], seeds=[0, 1, 2], steps=2, store=str(tmp_path / "a"))
+    one = Request(model=str(tiny_sdxl), prompts=["a red cat"], seeds=[0, 1, 2], steps=2, store=str(tmp_path / "a"),
+                  batch_size=1)
     batched = Request(**{**one.to_dict(), "store": str(tmp_path / "b"), "batch_size": 3})
     run_all_stages(one)
     run_all_stages(batched)
@@ -50,9 +51,24 @@ def test_batched_denoise_equals_one_item_at_a_time(tiny_sdxl, tmp_path):
         assert relative_error(stored_item(batched, "a red cat", seed)[0], stored_item(one, "a red cat", seed)[0]) < 1e-4
 
 
+def test_auto_batches_equal_one_item_at_a_time(tiny_sdxl, tmp_path):
+    one = Request(model=str(tiny_sdxl), prompts=["a red cat", "a blue dog"], seeds=[0, 1, 2], steps=2,
+                  store=str(tmp_path / "a"), batch_size=1)
+    auto = Request(**{**one.to_dict(), "store": str(tmp_path / "b"), "batch_size": "auto"})
+    run_all_stages(one)
+    results = run_all_stages(auto)
+    assert results["denoise"].batch_sizes == [1, 5] and results["decode"].batch_sizes == [6]
+    for prompt in ("a red cat", "a blue dog"):
+        for seed in one.seeds:
+            (latents, pixels), (expected_latents, expected_pixels) = stored_item(auto, prompt, seed), stored_item(one, prompt, seed)
+            assert relative_error(latents, expected_latents) < 1e-3
+            assert np.abs(pixels.astype(int) - expected_pixels.astype(int)).max() <= 2
+
+
 def test_torchax_compiles_once_per_shape(tiny_sdxl, tmp_path):
     request = Request(
-        model=str(tiny_sdxl), prompts=["a red cat", "a blue dog"], seeds=[0, 1], steps=2, store=str(tmp_path), backend="torchax"
+        model=str(tiny_sdxl), prompts=["a red cat", "a blue dog"], seeds=[0, 1], steps=2, store=str(tmp_path), backend="torchax",
+        batch_size=1,
     )
     plan = make_plan(request)
     stages.encode(plan)

@@ -12,6 +12,7 @@ from diffusers import UniPCMultistepScheduler, WanPipeline
 from helpers import run_all_stages, stored_item
 from reference import reference_outputs, reference_pipeline, relative_error
 from stagediff import stages
+from stagediff.adapters import adapter_for
 from stagediff.errors import StagediffError
 from stagediff.media import read_mp4_metadata
 from stagediff.plan import make_plan
@@ -36,7 +37,7 @@ def decoded_frames(request: Request, seed: int) -> np.ndarray:
     latents, _ = stored_item(request, request.prompts[0], seed)
     stages.decode(plan)  # loads the decode pipeline
     pipe = stages._loaded[stages.DECODE].pipe
-    return np.concatenate([chunk[0] for chunk in plan.family.decode(pipe, latents, plan.items[0].settings)])
+    return np.concatenate([chunk[0] for chunk in adapter_for(plan.family).decode(pipe, latents, plan.items[0].settings)])
 
 
 def luma_psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -98,6 +99,22 @@ def test_one_prompt_three_seeds_encodes_once(tiny_wan, tmp_path):
     results = run_all_stages(_request(tiny_wan, tmp_path, seeds=[0, 1, 2]))
     assert {stage: result.computed for stage, result in results.items()} == {"encode": 1, "denoise": 3, "decode": 3}
     assert len(list(tmp_path.glob("media/*.mp4"))) == 3
+
+
+def test_auto_batches_equal_one_item_at_a_time(tiny_wan, tmp_path):
+    import imageio.v3 as iio
+
+    one = _request(tiny_wan, tmp_path / "one", seeds=[0, 1, 2], batch_size=1)
+    auto = _request(tiny_wan, tmp_path / "auto", seeds=[0, 1, 2])
+    run_all_stages(one)
+    results = run_all_stages(auto)
+    assert results["denoise"].batch_sizes == [1, 2] and results["decode"].batch_sizes == [3]
+    for seed in (0, 1, 2):
+        (latents, _), (expected, _) = stored_item(auto, "a cat walks", seed), stored_item(one, "a cat walks", seed)
+        assert relative_error(latents, expected) < 1e-3
+        videos = [iio.imread(make_plan(request).store.read_bytes(item.media_path), extension=".mp4")
+                  for request in (auto, one) for item in make_plan(request).items if item.seed == seed]
+        assert luma_psnr(*videos) >= 35
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from tpu_ops.attention import AttentionConfig, AttentionPlacement, attention_mode, install_flash_attention, placed_attention
+from tpu_ops.host import to_torch
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +250,3 @@ class CompiledModule:
             self.compiled_signatures.add(signature)
         if self._on_compile is not None:
             self._on_compile(seconds)
-
-
-def to_torch(value):
-    """Bring a torchax tensor back as an ordinary CPU torch tensor; leave anything else alone."""
-    import torchax.tensor
-
-    if isinstance(value, torchax.tensor.Tensor):
-        return value.torch()
-    return value

@@ -20,7 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from tpu_ops.attention import placed_attention
-from tpu_ops.compiled_module import to_torch
+from tpu_ops.host import to_torch
 
 _TENSOR = object()
 """Marks where the tensors go back among a call's flattened arguments."""

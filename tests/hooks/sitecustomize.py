@@ -1,7 +1,7 @@
 """Test-only fault injection, loaded by processes started with tests/hooks on PYTHONPATH (Python
 imports `sitecustomize` at start-up). `STAGEDIFF_TEST_FAIL_ONCE=<stage>:<marker-file>` makes the first
-call of that stage function in `stagediff.stages` raise a transient error (and create the marker);
-later calls run normally. Nothing in the product reads this variable."""
+run of that stage (`stagediff.stages.run_stage`) raise a transient error (and create the marker);
+later runs go on normally. Nothing in the product reads this variable."""
 
 from __future__ import annotations
 
@@ -13,25 +13,26 @@ import sys
 from pathlib import Path
 
 TARGET_MODULE = "stagediff.stages"
+TARGET_FUNCTION = "run_stage"
 
 
 class InjectedFailure(RuntimeError):
     """A transient failure raised on purpose by the test hook."""
 
 
-def _fail_first_call(function, marker: Path):
+def _fail_first_run(function, stage: str, marker: Path):
     @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        if not marker.exists():
+    def wrapper(stage_name, *args, **kwargs):
+        if stage_name == stage and not marker.exists():
             marker.touch()
-            raise InjectedFailure(f"{function.__name__}: injected transient failure (test hook)")
-        return function(*args, **kwargs)
+            raise InjectedFailure(f"{stage}: injected transient failure (test hook)")
+        return function(stage_name, *args, **kwargs)
 
     return wrapper
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
-    """Wraps the stage function once `stagediff.stages` has been executed."""
+    """Wraps the stage runner once `stagediff.stages` has been executed."""
 
     def __init__(self, stage: str, marker: Path):
         self.stage, self.marker = stage, marker
@@ -45,7 +46,7 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             execute(module)
-            setattr(module, self.stage, _fail_first_call(getattr(module, self.stage), self.marker))
+            setattr(module, TARGET_FUNCTION, _fail_first_run(getattr(module, TARGET_FUNCTION), self.stage, self.marker))
 
         spec.loader.exec_module = exec_module
         return spec

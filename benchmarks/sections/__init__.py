@@ -1,0 +1,1 @@
+"""One module per benchmark section: its measurements and its part of the markdown report."""
