@@ -57,6 +57,15 @@ class Inventory:
             return CORRUPT
         return DONE if recorded == latents_checksum else STALE
 
+    def noted_corrupt(self, paths) -> list[str]:
+        """Those of `paths` whose present version a consuming stage found corrupt (`Store.mark_corrupt`)."""
+        noted = []
+        for path in paths:
+            listed = self._listed(path)
+            if listed is not None and self._marked_corrupt(path, listed):
+                noted.append(path)
+        return noted
+
     def _marked_corrupt(self, relative: str, listed: Listed) -> bool:
         """Whether the stage that consumed this very version of the artifact found its body corrupt."""
         marker = self._listed(relative + CORRUPT_MARKER_SUFFIX)

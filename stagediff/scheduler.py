@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from stagediff.contact_sheet import write_contact_sheet
 from stagediff.errors import CorruptInput
-from stagediff.inventory import DONE, PlanState, plan_state
+from stagediff.inventory import DONE, Inventory, PlanState, plan_state
 from stagediff.manifest import manifest_of, write_manifest
 from stagediff.plan import DECODE, DENOISE, ENCODE, Item, Plan
 from stagediff.request import Request
@@ -169,8 +169,12 @@ class BatchRun:
                     try:
                         self._run_units()
                         break
-                    except CorruptInput as error:  # noted in the store: the new schedule rewrites it
-                        if attempt + 1 == CORRUPT_INPUT_ATTEMPTS:
+                    except Exception as error:
+                        # A stage found an input corrupt and noted it in the store (here, or on a
+                        # worker whose failure reaches us as another error): the new schedule has its
+                        # producer write it again.
+                        if attempt + 1 == CORRUPT_INPUT_ATTEMPTS or not (
+                                isinstance(error, CorruptInput) or self._noted_corrupt()):
                             raise
                         self.log(f"{error}; scheduling its producing stage again")
             finally:
@@ -178,6 +182,10 @@ class BatchRun:
             manifest_uri = write_manifest(self.plan, self.run_name, self.manifest_copy)
             write_contact_sheet(self.plan.store, self.run_name, manifest_of(self.plan))
         return manifest_uri
+
+    def _noted_corrupt(self) -> list[str]:
+        inputs = [e.path for e in self.plan.embeddings] + [item.latents_path for item in self.plan.items]
+        return Inventory(self.plan.store).noted_corrupt(inputs)
 
     def _run_units(self) -> None:
         state = plan_state(self.plan)

@@ -169,3 +169,26 @@ def test_corrupt_embeddings_body_read_by_denoise_is_encoded_again(tiny_sdxl, tmp
     assert main(args) == 0
     assert embeddings.read_bytes() != garbled and Path(tmp_path, item.media_path).exists()
     plan.store.read_tensors(item.embedding.path, item.embedding.key)
+
+
+def test_a_worker_whose_corrupt_input_reaches_the_run_as_another_failure_is_scheduled_again(tiny_sdxl, tmp_path):
+    """Through Prefect a stage's failure arrives as "stage run ended Failed": the note the stage left in
+    the store is what the run goes by."""
+    from stagediff.scheduler import BatchRun, LocalExecutor
+
+    request = _request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",))
+    run_all_stages(request)
+    plan = make_plan(request)
+    item = plan.items[0]
+    _garble_body(Path(tmp_path, item.latents_path))
+    Path(tmp_path, item.media_path).unlink()
+
+    def remote_worker(unit):
+        try:
+            return stages.run_stage(unit.stage, plan, unit.keys)
+        except Exception as error:
+            raise RuntimeError(f"{unit.stage} run ended Failed: {error}") from None
+
+    BatchRun(plan, LocalExecutor(remote_worker, overlap=False), "remote").run()
+    plan.store.read_tensors(item.latents_path, item.latents_key)
+    assert Path(tmp_path, item.media_path).exists()
