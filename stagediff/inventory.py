@@ -2,7 +2,9 @@
 from a body: which stages still have work, how far a run got, what `stagediff status` reports. On an
 object store the listing carries each upload's summary (key, checksum, size), so deciding costs a few
 paged listing requests for thousands of items; on a local disk it costs one small header read per
-artifact. Bodies are verified in full where they are consumed (and by `stagediff verify`)."""
+artifact. The stages ask it too whether their artifacts are done (one judge, never a body read).
+Bodies are verified in full where they are consumed (and by `stagediff verify`); a version that a
+consumer found corrupt (its note, `<artifact>.corrupt`) counts as corrupt."""
 
 from __future__ import annotations
 

@@ -1,11 +1,15 @@
-"""The artifact store: safetensors and media files under one fsspec URI, written atomically,
-verified on read.
+"""The artifact store: safetensors and media files under one store URI, written atomically, verified on
+read. `Store(uri)` is a `LocalStore` (a plain local path) or an `ObjectStore` (`gs://bucket/prefix`);
+every other scheme is refused.
 
 Layout (relative to the store root):
     embeddings/<family>/<key>.safetensors
     latents/<family>/<key>.safetensors
     media/<key>.png | <key>.mp4
+    <artifact>.corrupt                  a consuming stage's note: this version of the artifact is corrupt
+    runs/<run-name>/record.json         what a run declares, written at its start (`stagediff.run_records`)
     runs/<run-name>/manifest.json
+    runs/<run-name>/contact-sheet.png
 """
 
 from __future__ import annotations
