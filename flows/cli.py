@@ -4,26 +4,16 @@ else, and `generate` without an API, is `stagediff.cli`, which never imports Pre
 
 from __future__ import annotations
 
-import os
 import sys
-import tomllib
-from pathlib import Path
 
 from stagediff import cli
+from stagediff.prefect_api import prefect_api_url
 
 
 def prefect_api_configured() -> bool:
     """True when Prefect would talk to an API server: `PREFECT_API_URL` in the environment or in the
     active profile of `$PREFECT_HOME/profiles.toml` (read here: importing Prefect takes seconds)."""
-    if os.environ.get("PREFECT_API_URL"):
-        return True
-    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
-    try:
-        profiles = tomllib.loads((home / "profiles.toml").read_text())
-    except (FileNotFoundError, tomllib.TOMLDecodeError):
-        return False
-    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
-    return bool(profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
+    return prefect_api_url()[0] is not None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.futures import wait
 
 from flows.stage_workers import StageRunFailed, WarmExecutor, live_workers
-from stagediff.plan import ENCODE, Plan
-from stagediff.scheduler import Executor
+from stagediff.plan import Plan
+from stagediff.scheduler import Executor, local_lane
 from tasks import STAGE_TASKS
 
 WARM, DEPLOYMENTS, IN_PROCESS = "warm", "deployments", "in-process"
@@ -29,20 +29,20 @@ RUNS_PER_ACCELERATOR = 2
 """Stage flow runs of one stage in flight per accelerator the pool has."""
 
 
-def resolve_dispatch(requested: str) -> str:
-    """`auto`: warm when a live stage worker serves every stage, else the stage deployments when they
-    all exist, else in-process. Other choices stand as given."""
+def resolve_dispatch(requested: str, stages) -> str:
+    """`auto`: warm when a live stage worker serves each of the batch's `stages`, else their stage
+    deployments when they all exist, else in-process. Other choices stand as given."""
     if requested != "auto":
         return requested
-    if all(live_workers(STAGE_TASKS).values()):
+    if all(live_workers(stages).values()):
         return WARM
-    return DEPLOYMENTS if stage_deployments_exist() else IN_PROCESS
+    return DEPLOYMENTS if stage_deployments_exist(stages) else IN_PROCESS
 
 
-def stage_deployments_exist() -> bool:
-    """True when the server has a deployment for every stage flow."""
+def stage_deployments_exist(stages) -> bool:
+    """True when the server has a deployment for each of these stages' flows."""
     with get_client(sync_client=True) as client:
-        for name in STAGE_DEPLOYMENTS.values():
+        for name in (STAGE_DEPLOYMENTS[stage] for stage in stages):
             try:
                 client.read_deployment_by_name(name)
             except ObjectNotFound:
@@ -74,9 +74,7 @@ class TaskExecutor(Executor):
         self.overlap = overlaps_stages(plan.request.backend)
 
     def lane(self, stage):
-        if not self.overlap:
-            return IN_PROCESS
-        return "cpu" if stage == ENCODE else "accelerator"
+        return local_lane(stage, self.overlap)
 
     def slots(self, stage):
         return 1

@@ -43,7 +43,7 @@ def orchestrate(parameters: dict) -> str:
     # One run, one revision: the stage runs get the commit the plan resolved (`org/name@<commit>`).
     request, parameters = plan.request, {**parameters, "model": plan.request.model}
     plan.store.check_writable()
-    dispatch = resolve_dispatch(parameters["dispatch"])
+    dispatch = resolve_dispatch(parameters["dispatch"], plan.stages)
     logger.info("%d items, stages %s", len(plan.items), WHERE[dispatch])
     run_name = parameters["run_name"] or default_run_name(request.model)
     progress = RunProgress()

@@ -27,7 +27,7 @@ POOLS = ("cpu-pool", "tpu-pool")
 WORKER_LIMITS = {"cpu-pool": None, "tpu-pool": 1}
 """Flow runs at a time per process worker: one stage run per accelerator. No pool-wide limit: each
 accelerator machine runs its own worker."""
-STAGE_WORKERS = {"encode": "encode", "accelerator": "denoise,decode"}
+STAGE_WORKERS = {"encode": "encode,score", "accelerator": "denoise,decode"}
 """The stages each kind of stage worker serves."""
 WORKER_QUERY_SECONDS = "1"
 """How often workers look for scheduled stage runs (Prefect's default, 10 s, adds up to 10 s per stage)."""

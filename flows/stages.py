@@ -1,5 +1,5 @@
-"""One flow per stage, for the work pools (the ephemeral way to run stages): `encode` on cpu-pool,
-`denoise` and `decode` on tpu-pool.
+"""One flow per stage, for the work pools (the ephemeral way to run stages): `encode` and `score` on
+cpu-pool, `denoise` and `decode` on tpu-pool.
 
 Each runs one unit of a batch (`stagediff.scheduler`: its prompts × seeds, narrowed to its `keys`; all
 of them without keys), so model loading and compilation are paid once per unit, and skips whatever
@@ -35,3 +35,4 @@ def _stage_flow(stage: str, description: str):
 encode = _stage_flow("encode", "Encode the prompts into embeddings (CPU).")
 denoise = _stage_flow("denoise", "Denoise every (prompt, seed) into latents.")
 decode = _stage_flow("decode", "Decode latents into PNG or MP4 files.")
+score = _stage_flow("score", "Score the decoded items with the request's scorers (CPU).")

@@ -86,21 +86,6 @@ def torch_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def check_placement(backend: str, mesh: str | None) -> None:
-    """Fail with a one-line error, where the stage runs and before it writes anything, for a mesh that
-    the backend (resolved here) or this machine's devices cannot take."""
-    if mesh is None:
-        return
-    if backend != "torchax":
-        raise StagediffError(f"--mesh {mesh} needs --backend torchax")
-    from tpu_ops.mesh import MeshError, make_mesh
-
-    try:
-        make_mesh(mesh)
-    except MeshError as error:
-        raise StagediffError(str(error)) from None
-
-
 def place_pipeline(pipe, backend: str, compiled_component: str | None, on_compile=None, mesh: str | None = None,
                    family: str | None = None):
     """Move a stage's pipeline onto its backend; with torchax, compile `compiled_component`, its

@@ -11,7 +11,7 @@ from stagediff.confinement import check_location, check_run_name
 from stagediff.errors import StagediffError, one_line
 from stagediff.options import GENERATION_OPTIONS, RUN_OPTIONS, request_from_options
 
-STAGE_COMMANDS = ("encode", "denoise", "decode")
+STAGE_COMMANDS = ("encode", "denoise", "decode", "score")
 LEFTOVER_AGE_SECONDS = 3600
 """`stagediff.store.LEFTOVER_AGE_SECONDS`, repeated so that `--help` imports no torch (a test keeps them equal)."""
 
@@ -55,8 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     sheet.add_argument("manifests", nargs="+", metavar="MANIFEST", help="a run's manifest.json (local or gs://)")
     sheet.add_argument("--output", default="contact-sheet.png", help="the PNG to write (default ./contact-sheet.png)")
 
+    doctor = commands.add_parser("doctor", help="versions, devices per backend, caches, the Prefect API and its "
+                                 "stage workers, a store; exit 1 when something a stage needs is missing")
+    doctor.add_argument("--stage", action="append", metavar="STAGE",
+                        help="encode, denoise or decode (repeat or comma-separate; default all): check what they need")
+    doctor.add_argument("--store", help="check that this store (local folder or gs://bucket/prefix) is writable")
+    doctor.add_argument("--backend", default="auto", help="auto, torch or torchax (default auto)")
+    doctor.add_argument("--mesh", help="a torchax mesh to check against this machine's devices, e.g. tp=8")
+    compare = commands.add_parser("compare", help="per-setting and per-prompt score differences of two runs, and a "
+                                  "chart of score against the swept value")
+    compare.add_argument("manifests", nargs=2, metavar="RUN", help="a run's manifest.json (local or gs://)")
+    compare.add_argument("--output", default="compare.png", help="the chart to write (default ./compare.png)")
+    compare.add_argument("--scorer", help="which scorer to compare (default: the first both runs have)")
+
     tiny = commands.add_parser("tiny-model", help="build a tiny random-init model of a family")
-    tiny.add_argument("family", help="sdxl, flux1, flux1-schnell, flux2, flux2-klein, flux2-klein-base or wan")
+    tiny.add_argument("family", help="sdxl, flux1, flux1-schnell, flux2, flux2-klein, flux2-klein-base, wan, or clip "
+                      "(a scorer for --score clip:FOLDER)")
     tiny.add_argument("folder", help="where to write the checkpoint (diffusers layout)")
     tiny.add_argument("--scale", default="tiny", help="tiny (tests, demo), small (CPU benchmarks: ~50-100M "
                       "parameter denoisers) or full (the real architectures: sdxl, flux1, flux1-schnell, wan)")
@@ -95,6 +109,12 @@ def run(args, generate=None) -> int:
     return COMMANDS[args.command](args)
 
 
+def _doctor(args) -> int:
+    from stagediff.doctor import doctor
+
+    return doctor(args)
+
+
 def _tiny_model(args) -> int:
     from stagediff.tiny import build_tiny_model
 
@@ -118,6 +138,7 @@ def _generate(args, generate=None) -> int:
 
     plan = _plan(args)
     plan.store.check_writable()
+    _say_where_stages_run(plan, ("encode", "denoise", "decode"))
     if generate is not None:
         manifest_uri = generate(args)
     else:
@@ -145,6 +166,7 @@ def _stage(args) -> int:
 
     plan = _plan(args)
     plan.store.check_writable()
+    _say_where_stages_run(plan, (args.command,))
     progress = TqdmProgress()
     # Declared like a batch (a run record, no manifest): `gc` keeps its work for the next stage.
     run_name = args.run_name or f"{args.command}-{default_run_name(plan.request.model)}"
@@ -156,6 +178,14 @@ def _stage(args) -> int:
     for uri in uris:
         print(uri)
     return 0
+
+
+def _say_where_stages_run(plan, stages) -> None:
+    """Log (stderr) each stage's backend, devices and mesh here; a missing backend fails now."""
+    from stagediff.devices import check_stages_here
+
+    check_stages_here(stages, plan.request.backend, plan.request.mesh,
+                      say=lambda line: print(f"stagediff: {line}", file=sys.stderr))
 
 
 def _calibrate_cache(args) -> int:
@@ -272,8 +302,23 @@ def _contact_sheet(args) -> int:
     return 0
 
 
-COMMANDS = {"encode": _stage, "denoise": _stage, "decode": _stage, "calibrate-cache": _calibrate_cache,
-            "status": _status, "verify": _verify, "gc": _gc, "contact-sheet": _contact_sheet, "tiny-model": _tiny_model}
+def _compare(args) -> int:
+    from stagediff.compare import compare_runs, read_manifest
+
+    check_location("--output", args.output)
+    first, second = (read_manifest(location) for location in args.manifests)
+    report = compare_runs(first, second, args.scorer)
+    print(report.text())
+    with open(args.output, "wb") as file:
+        file.write(report.chart_png())
+    print(args.output)
+    return 0
+
+
+
+COMMANDS = {"encode": _stage, "denoise": _stage, "decode": _stage, "score": _stage, "calibrate-cache": _calibrate_cache,
+            "status": _status, "verify": _verify, "gc": _gc, "contact-sheet": _contact_sheet, "compare": _compare,
+            "tiny-model": _tiny_model, "doctor": _doctor}
 
 
 def generate_parameters(args) -> dict:

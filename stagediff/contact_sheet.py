@@ -1,7 +1,7 @@
 """Contact sheets: a run's images as one labelled PNG, or several runs side by side (base model vs LoRA,
 last night vs tonight). Rows are prompts; each run's columns are its seeds and swept values (settings or
-LoRA scales that differ between its items), labelled; a video shows its middle frame. Drawn with Pillow
-and its default font."""
+LoRA scales that differ between its items), labelled; a video shows its middle frame; a scored run shows
+each item's scores under its tile. Drawn with Pillow and its default font."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import textwrap
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
@@ -76,13 +76,19 @@ class Layout:
     """The title, the run names (several runs), the longest column label."""
     left_out: tuple[int, int]
     """Rows and columns the sheet has no room for."""
+    cell_scores: dict[tuple[int, int], str] = field(default_factory=dict)
+    """(row, column) → the item's scores as a line under its tile (scored runs)."""
+
+    @property
+    def score_lines(self) -> int:
+        return 1 if self.cell_scores else 0
 
     def column_x(self, column: int) -> int:
         run = self.columns[column].run
         return PROMPT_WIDTH + column * (self.cell_size[0] + PAD) + run * 2 * PAD + PAD
 
     def row_y(self, row: int) -> int:
-        return self.header_lines * LINE_HEIGHT + 2 * PAD + row * (self.cell_size[1] + PAD)
+        return self.header_lines * LINE_HEIGHT + 2 * PAD + row * (self.cell_size[1] + PAD + self.score_lines * LINE_HEIGHT)
 
     def cell_box(self, row: int, column: int) -> tuple[int, int, int, int]:
         x, y = self.column_x(column), self.row_y(row)
@@ -100,6 +106,7 @@ def sheet_layout(runs: Sequence[SheetRun], image_size: tuple[int, int]) -> Layou
     rows: dict[tuple[str, str | None], int] = {}
     columns: dict[tuple, Column] = {}
     cells: dict[tuple[tuple, tuple], str] = {}
+    scores: dict[tuple[tuple, tuple], str] = {}
     all_rows, all_columns = set(), set()
     for index, run in enumerate(runs):
         items = run.manifest["items"]
@@ -118,6 +125,8 @@ def sheet_layout(runs: Sequence[SheetRun], image_size: tuple[int, int]) -> Layou
                 columns[column] = Column(index, (swept, item["seed"]), label)
             if row in rows and column in columns:
                 cells[(row, column)] = item["media"]
+                if item.get("scores"):
+                    scores[(row, column)] = _scores_label(item["scores"])
     scale = min(1.0, CELL_PIXELS / max(image_size))
     cell_size = (max(1, round(image_size[0] * scale)), max(1, round(image_size[1] * scale)))
     column_index = {column: number for number, column in enumerate(columns)}
@@ -129,6 +138,7 @@ def sheet_layout(runs: Sequence[SheetRun], image_size: tuple[int, int]) -> Layou
         cell_size=cell_size,
         header_lines=header_lines,
         left_out=(len(all_rows) - len(rows), len(all_columns) - len(columns)),
+        cell_scores={(rows[row], column_index[column]): text for (row, column), text in scores.items()},
     )
 
 
@@ -161,6 +171,9 @@ def render_contact_sheet(runs: Sequence[SheetRun], read: Callable[[str], bytes])
             draw.text((PAD, y + line * LINE_HEIGHT), text, fill=INK, font=font)
         for column in range(len(layout.columns)):
             box = layout.cell_box(row, column)
+            if (row, column) in layout.cell_scores:
+                text = _fitted(draw, layout.cell_scores[(row, column)], layout.cell_size[0], font)
+                draw.text((box[0], box[3] + 2), text, fill=INK, font=font)
             image = images.get((row, column))
             if image is None:
                 draw.rectangle(box, fill=MISSING)
@@ -257,6 +270,12 @@ def _fitted(draw: ImageDraw.ImageDraw, label: str, width: int, font) -> str:
         name = name[:-1]
         label = f"{name}… {value}"
     return label
+
+
+def _scores_label(scores: dict) -> str:
+    """`clip 27.31`: each scorer by its metric (`clip:MODEL` → `clip`), `-` where not scored."""
+    return " · ".join(f"{name.partition(':')[0]} {'-' if value is None else f'{value:.2f}'}"
+                      for name, value in scores.items())
 
 
 def _number(value) -> str:

@@ -66,6 +66,10 @@ def manifest_of(plan: Plan) -> dict:
         }
         for item in plan.items
     ]
+    if plan.request.scores:
+        from stagediff.scoring import attach_scores
+
+        attach_scores(plan, document)
     return document
 
 

@@ -109,6 +109,9 @@ GENERATION_OPTIONS: tuple[Option, ...] = (
     Option("batch_size", batch_size, "items denoised and decoded per call, or auto: as many of one shape as the "
            "stage's device memory holds, up to a cap", parameter_type=int | Literal["auto"]),
     Option("mesh", str, "torchax device mesh, e.g. tp=8 or dp=2,tp=4 (axes dp, fsdp, tp)"),
+    Option("scores", str, "score every finished item after decode: clip or clip:MODEL (CLIP score; MODEL a Hugging "
+           "Face id, local or gs:// folder, default openai/clip-vit-large-patch14); repeat for several scorers",
+           repeated=True, default=()),
     Option("vae_tiling", bool, "decode in overlapping tiles (without it: only when one piece would not fit "
            "the device's memory)"),
 )
@@ -134,5 +137,6 @@ def request_from_options(values: Mapping[str, Any]) -> Request:
     fields["prompts"] = [*(values.get("prompts") or ()), *(read_prompt_file(prompt_file) if prompt_file else ())]
     fields["seeds"] = expand_seeds(values.get("seeds") or ())
     fields["loras"] = values.get("loras") or ()
+    fields["scores"] = values.get("scores") or ()
     extras = {o.name: values.get(o.name) for o in GENERATION_OPTIONS if o.family_option}
     return Request(**fields, extras=extras)

@@ -15,8 +15,9 @@ from stagediff.models import Model, is_hub_id, open_model, pinned_reference
 from stagediff.request import GRID_FIELDS, Request, values_of
 from stagediff.store import Store, content_key
 
-ENCODE, DENOISE, DECODE = "encode", "denoise", "decode"
+ENCODE, DENOISE, DECODE, SCORE = "encode", "denoise", "decode", "score"
 STAGES = (ENCODE, DENOISE, DECODE)
+"""The stages every run has; `score` follows decode where the request names scorers."""
 FIXED_FIELDS = ("height", "width", "frames", "fps")
 """Request fields that take one value per run."""
 
@@ -83,12 +84,24 @@ class Plan:
     loras: tuple[LoraFile, ...] = ()
 
     @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this batch runs: encode, denoise, decode, and score when it names scorers."""
+        return STAGES + ((SCORE,) if self.request.scores else ())
+
+    @property
     def family(self) -> Family:
         return self.model.family
 
     @cached_property
     def store(self) -> Store:
         return Store(self.request.store)
+
+    @cached_property
+    def scorers(self):
+        """The request's scorers (`--score`), their files local and their identities known."""
+        from stagediff.scoring import open_scorers
+
+        return open_scorers(self.request.scores)
 
 
 def resolve_points(request: Request, model: Model, loras: dict[str, LoraFile]) -> tuple[Point, ...]:
@@ -188,7 +201,9 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
                     )
                 )
     fingerprints = {"encode": encoders, "denoise": denoiser, "decode": decoder}
-    return Plan(request, model, points, tuple(embeddings.values()), tuple(items), fingerprints, tuple(loras.values()))
+    plan = Plan(request, model, points, tuple(embeddings.values()), tuple(items), fingerprints, tuple(loras.values()))
+    plan.scorers  # a scorer that is not there fails the request now, before any work
+    return plan
 
 
 def _lora_inputs(loras: tuple[AppliedLora, ...]) -> dict:

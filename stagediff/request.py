@@ -54,6 +54,8 @@ class Request:
     loras: tuple[dict, ...] = ()
     """LoRA adapters, `{"source": ..., "scale": ...}` (or `"SOURCE[:SCALE]"`); a source listed with several
     scales is swept over them."""
+    scores: tuple[str, ...] = ()
+    """Scorers of the finished media, `clip[:MODEL]` (see `stagediff.scoring`): a score stage after decode."""
 
     def __post_init__(self):
         object.__setattr__(self, "prompts", tuple(self.prompts))
@@ -62,6 +64,7 @@ class Request:
             object.__setattr__(self, name, one_or_many(getattr(self, name)))
         object.__setattr__(self, "extras", {name: one_or_many(value) for name, value in self.extras.items()})
         object.__setattr__(self, "loras", tuple(parse_lora(lora) for lora in self.loras))
+        object.__setattr__(self, "scores", tuple(self.scores))
         self.validate()
 
     def validate(self) -> None:
@@ -109,6 +112,9 @@ class Request:
         parse_cache(self.cache)
         if self.backend not in BACKENDS:
             raise StagediffError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        from stagediff.scoring import check_scores
+
+        check_scores(self.scores)
         if self.dtype not in DTYPES:
             raise StagediffError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 
@@ -134,6 +140,7 @@ class Request:
         """Plain JSON-able parameters (for Prefect flows and the manifest)."""
         data = asdict(self)
         data["prompts"], data["seeds"], data["loras"] = list(self.prompts), list(self.seeds), list(self.loras)
+        data["scores"] = list(self.scores)
         for name in GRID_FIELDS:
             data[name] = _plain(data[name])
         data["extras"] = {name: _plain(value) for name, value in self.extras.items()}

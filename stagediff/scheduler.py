@@ -5,7 +5,8 @@ A plan becomes units of work (`schedule`): its pending items, in order of grid p
 chunks whose size comes from the number of accelerator workers and a cap, never from the number of
 prompts, so a sweep of one prompt over 1000 seeds keeps every accelerator busy. Each chunk is a denoise
 unit (its items without latents) and a decode unit; a chunk's prompts not yet encoded form an encode
-unit that its denoise unit waits for. The `BatchRun` submits each unit to an executor as soon as the
+unit that its denoise unit waits for; where the request names scorers, a score unit after its decode
+unit (and one per chunk of items whose media exist but are not all scored). The `BatchRun` submits each unit to an executor as soon as the
 units it waits for have finished and the executor has room for its stage, reports progress, and
 finishes the run: the manifest and the contact sheet.
 
@@ -26,7 +27,7 @@ from stagediff.contact_sheet import write_contact_sheet
 from stagediff.errors import CorruptInput
 from stagediff.inventory import DONE, Inventory, PlanState, plan_state
 from stagediff.manifest import manifest_of, write_manifest
-from stagediff.plan import DECODE, DENOISE, ENCODE, Item, Plan
+from stagediff.plan import DECODE, DENOISE, ENCODE, SCORE, Item, Plan
 from stagediff.request import Request
 from stagediff.run_records import declared_run, plan_paths
 
@@ -49,7 +50,7 @@ class Unit:
     index: int
     stage: str
     keys: tuple[str, ...]
-    """Embeddings keys (encode) or latents keys (denoise, decode)."""
+    """Embeddings keys (encode) or latents keys (denoise, decode, score)."""
     prompts: tuple[str | dict, ...]
     """The request's prompt entries its artifacts come from."""
     seeds: tuple[int, ...]
@@ -75,9 +76,11 @@ def unit_items(items: int, accelerators: int) -> int:
     return max(1, min(MAX_ITEMS_PER_UNIT, math.ceil(items / units)))
 
 
-def schedule(plan: Plan, state: PlanState, accelerators: int, size: int | None = None) -> list[Unit]:
-    """The units that finish the batch: what the store (`state`) lacks, nothing else; `size` items per
-    denoise and decode unit (default `unit_items`)."""
+def schedule(plan: Plan, state: PlanState, accelerators: int, size: int | None = None,
+             scored: set[str] | None = None) -> list[Unit]:
+    """The units that finish the batch: what the store (`state`, and `scored`: the score files it holds,
+    listed here when not given) lacks, nothing else; `size` items per denoise and decode unit (default
+    `unit_items`)."""
     points = {point: index for index, point in enumerate(plan.points)}
     pending = [item for item in plan.items if state.media[item.media_path] != DONE]
     pending.sort(key=lambda item: points[item.point])  # one pipeline load per grid point, not per item
@@ -103,7 +106,24 @@ def schedule(plan: Plan, state: PlanState, accelerators: int, size: int | None =
             units.append(_item_unit(denoise_unit, DENOISE, to_denoise, after))
         units.append(_item_unit(len(units), DECODE, chunk, (denoise_unit,) if denoise_unit is not None else (),
                                 finishes=len(chunk)))
+        if plan.request.scores:
+            units.append(_item_unit(len(units), SCORE, chunk, (len(units) - 1,)))
+    if plan.request.scores:
+        units += _score_units(plan, state, len(units), accelerators, scored)
     return units
+
+
+def _score_units(plan: Plan, state: PlanState, first_index: int, accelerators: int, scored: set[str] | None) -> list[Unit]:
+    """Score units for items whose media the store holds but whose scores it lacks (a scorer added to a
+    finished run), in chunks like the others."""
+    from stagediff.scoring import score_tasks, stored_scores
+
+    scored = stored_scores(plan) if scored is None else scored
+    unscored = {id(task.item) for task in score_tasks(plan) if task.path not in scored}
+    items = [item for item in plan.items if id(item) in unscored and state.media[item.media_path] == DONE]
+    size = unit_items(len(items), accelerators)
+    return [_item_unit(first_index + number, SCORE, items[first: first + size], ())
+            for number, first in enumerate(range(0, len(items), size))]
 
 
 def _item_unit(index: int, stage: str, items: list[Item], after: tuple[int, ...], finishes: int = 0) -> Unit:
@@ -193,7 +213,7 @@ class BatchRun:
         done, total = state.done_items, len(self.plan.items)
         self.on_progress(done, total)
         if units:
-            counts = {stage: sum(unit.stage == stage for unit in units) for stage in (ENCODE, DENOISE, DECODE)}
+            counts = {stage: sum(unit.stage == stage for unit in units) for stage in (ENCODE, DENOISE, DECODE, SCORE)}
             self.log(f"{total - done} of {total} items to make: " +
                      ", ".join(f"{count} {stage} runs" for stage, count in counts.items() if count))
             for unit in self._execute(units):
@@ -224,18 +244,28 @@ class BatchRun:
                 yield unit
 
 
+CPU_STAGES = (ENCODE, SCORE)
+"""Stages that run on the CPU whatever the backend: text encoders and scorers."""
+
+
+def local_lane(stage: str, overlap: bool) -> str:
+    """The lane of a stage run in this process: one for all, or with `overlap` the CPU's beside the
+    accelerator's."""
+    if not overlap:
+        return "this process"
+    return "cpu" if stage in CPU_STAGES else "accelerator"
+
+
 class LocalExecutor(Executor):
-    """Runs units in this process with `run_unit(unit)`: one at a time, or with `overlap` encode in one
-    thread beside denoise and decode in another."""
+    """Runs units in this process with `run_unit(unit)`: one at a time, or with `overlap` encode and
+    score in one thread beside denoise and decode in another."""
 
     def __init__(self, run_unit: Callable[[Unit], object], overlap: bool):
         self.run_unit, self.overlap = run_unit, overlap
         self.threads = ThreadPoolExecutor(max_workers=2 if overlap else 1, thread_name_prefix="stagediff")
 
     def lane(self, stage):
-        if not self.overlap:
-            return "this process"
-        return "cpu" if stage == ENCODE else "accelerator"
+        return local_lane(stage, self.overlap)
 
     def slots(self, stage):
         return 1

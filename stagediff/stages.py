@@ -19,20 +19,22 @@ import torch
 
 from stagediff import __version__, step_cache
 from stagediff.adapters import Adapter, adapter_for
-from stagediff.backends import (check_placement, default_mesh, free_device_bytes, overlaps_stages, peak_growth,
-                                place_pipeline, resolve_backend)
+from stagediff.backends import (default_mesh, free_device_bytes, overlaps_stages, peak_growth, place_pipeline,
+                                resolve_backend)
 from stagediff.cache_spec import check_cache_backend
 from stagediff.containers import LATENTS_CHECKSUM
+from stagediff.devices import check_placement
 from stagediff.decoding import choose_tile, decode_bytes, place_decoder, set_tiling, tiles_used, vae_input_shape
 from stagediff.errors import CorruptArtifact, CorruptInput, StagediffError
 from stagediff.families import Settings
 from stagediff.inventory import DONE, Inventory
 from stagediff.loras import AppliedLora, fuse_loras
 from stagediff.media import media_bytes
-from stagediff.plan import DECODE, DENOISE, ENCODE, Embedding, Item, Plan
+from stagediff.plan import DECODE, DENOISE, ENCODE, SCORE, Embedding, Item, Plan
 from stagediff.progress import Progress
 from stagediff.request import AUTO
 from stagediff.scheduler import LocalExecutor
+from stagediff.scoring import ScoreTask, read_score, score_record, score_tasks
 from stagediff.store import CHECKSUM_METADATA, Artifact
 from tpu_ops import compile_cache
 
@@ -73,7 +75,7 @@ class _Loaded:
 
 
 _loaded: dict[str, _Loaded] = {}
-_stage_locks = {stage: threading.Lock() for stage in (ENCODE, DENOISE, DECODE)}
+_stage_locks = {stage: threading.Lock() for stage in (ENCODE, DENOISE, DECODE, SCORE)}
 _model_loading = threading.Lock()
 """One model load at a time per process: diffusers and accelerate load under process-wide patches of
 torch (`init_empty_weights` swaps `nn.Module.register_parameter`, `no_init_weights` the `nn.init`
@@ -81,8 +83,8 @@ functions), so two loads at once in two threads leave torch patched for everythi
 
 
 def stage_backend(plan: Plan, stage: str) -> str:
-    """Where a stage computes: encode with torch on the CPU, the others as the request's backend says."""
-    if stage == ENCODE:
+    """Where a stage computes: encode and score with torch on the CPU, the others as the request's backend says."""
+    if stage in (ENCODE, SCORE):
         return "torch"
     return resolve_backend(plan.request.backend)
 
@@ -90,7 +92,7 @@ def stage_backend(plan: Plan, stage: str) -> str:
 def check_stage_placement(plan: Plan, stage: str) -> None:
     """What this machine must offer the stage (its backend, the mesh's devices, the step cache on that
     backend): a one-line error otherwise, before anything is loaded or written."""
-    if stage == ENCODE:
+    if stage in (ENCODE, SCORE):
         return
     backend = stage_backend(plan, stage)
     check_placement(backend, plan.request.mesh)
@@ -211,6 +213,10 @@ class Stage(ABC):
     def loras(self, artifact) -> Sequence[AppliedLora]:
         return artifact.point.loras
 
+    def load(self, plan: Plan, artifact) -> tuple[_Loaded, float]:
+        """What computes the artifact's group, loaded (or kept from the last call), and the seconds it took."""
+        return _stage_pipeline(plan, self.name, self.loras(artifact))
+
     def read_inputs(self, plan: Plan, pending: list) -> dict:
         """What the pending artifacts are computed from, read before any model is loaded (a missing
         input fails at once)."""
@@ -241,7 +247,7 @@ class Stage(ABC):
         with _stage_locks[self.name]:
             progress.stage_started(self.name, len(pending))
             for group in _grouped(pending, self.group):
-                loaded, load_seconds = _stage_pipeline(plan, self.name, self.loras(group[0]))
+                loaded, load_seconds = self.load(plan, group[0])
                 result.load_seconds += load_seconds
                 counting = _count_compiles(loaded, result)
                 size = self.batch_size(plan, loaded, group)
@@ -269,13 +275,15 @@ class Stage(ABC):
         artifacts = list(self.artifacts(plan))
         if keys is None:
             return artifacts
-        by_key = {self.key(artifact): artifact for artifact in artifacts}
+        by_key: dict[str, list] = {}
+        for artifact in artifacts:  # one key may name several artifacts (an item's scores)
+            by_key.setdefault(self.key(artifact), []).append(artifact)
         wanted = list(dict.fromkeys(keys))
         unknown = [key for key in wanted if key not in by_key]
         if unknown:
             raise StagediffError(f"{self.name}: key {unknown[0]} is not one of this request's {self.name} artifacts "
                                  "(are the orchestrator and this worker on the same stagediff version?)")
-        return [by_key[key] for key in wanted]
+        return [artifact for key in wanted for artifact in by_key[key]]
 
 
 def auto_batch_size(plan: Plan, stage: str, loaded: _Loaded, item_bytes: int | None) -> int:
@@ -416,12 +424,84 @@ class DecodeStage(Stage):
                 yield plan.store.write_bytes(item.media_path, data, {"latents-checksum": checksum})
 
 
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (EncodeStage(), DenoiseStage(), DecodeStage())}
+SCORE_BATCH = 8
+"""Media scored per call when `--batch-size` is auto."""
+
+
+class ScoreStage(Stage):
+    """Scores each item's media with each of the request's scorers; loads only the scorer (on the CPU,
+    where encode runs), never the diffusion model."""
+
+    name = SCORE
+
+    def artifacts(self, plan):
+        return score_tasks(plan)
+
+    def key(self, task: ScoreTask):
+        return task.item.latents_key
+
+    def path(self, task: ScoreTask):
+        return task.path
+
+    def is_done(self, plan, task: ScoreTask, inventory):
+        checksum = inventory.tensors(task.item.latents_path, task.item.latents_key)[1]
+        return read_score(plan.store, task, checksum or "") is not None
+
+    def group(self, task: ScoreTask):
+        return task.scorer
+
+    def loras(self, task: ScoreTask):
+        return ()
+
+    def load(self, plan, task: ScoreTask):
+        from stagediff.scorers import load_scorer
+
+        key = (SCORE, str(task.scorer.folder), task.scorer.identity)
+        loaded = _loaded.get(SCORE)
+        if loaded is not None and loaded.key == key:
+            return loaded, 0.0
+        release(SCORE)
+        start = time.perf_counter()
+        with _model_loading:
+            _quiet_loading()
+            loaded = _Loaded(key, load_scorer(task.scorer), [], None)
+        _loaded[SCORE] = loaded
+        return loaded, time.perf_counter() - start
+
+    def batch_size(self, plan, loaded, group):
+        return _requested_batch(plan) or SCORE_BATCH
+
+    def compute(self, plan, loaded, batch, inputs, progress):
+        from stagediff.scorers import media_frames
+
+        store, extension = plan.store, plan.family.media_extension
+        media = []
+        for task in batch:
+            try:
+                media.append(media_frames(store.read_bytes(task.item.media_path), extension))
+            except FileNotFoundError:
+                raise StagediffError(f"media for prompt {task.item.prompt!r} seed {task.item.seed} is missing in "
+                                     f"{store.uri}: run the decode stage first") from None
+        values = loaded.pipe.scores(media, [task.item.prompt for task in batch])
+        for task, value in zip(batch, values):
+            record = score_record(task, value, store.uri_of(task.item.media_path), _latents_checksum(plan, task.item))
+            yield store.write_json(task.path, record)
+
+
+def _latents_checksum(plan: Plan, item: Item) -> str | None:
+    """The checksum of the item's latents (from their header), which its current media was decoded from."""
+    try:
+        return plan.store.read_metadata(item.latents_path).get(CHECKSUM_METADATA)
+    except (FileNotFoundError, CorruptArtifact):
+        return None
+
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (EncodeStage(), DenoiseStage(), DecodeStage(), ScoreStage())}
 
 
 def run_stage(stage: str, plan: Plan, keys: Iterable[str] | None = None, progress: Progress | None = None) -> StageResult:
     """Run one stage over the plan's artifacts, or those of `keys` (embeddings keys for encode, latents
-    keys for denoise and decode)."""
+    keys for denoise, decode and score)."""
     return STAGES[stage].run(plan, keys, progress)
 
 

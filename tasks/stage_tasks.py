@@ -15,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 
 from stagediff.errors import StagediffError
-from stagediff.plan import DECODE, DENOISE, ENCODE, make_plan
+from stagediff.plan import DECODE, DENOISE, ENCODE, SCORE, make_plan
 from stagediff.progress import ProgressGroup, TqdmProgress
 from stagediff.request import Request
 from tasks.progress import ArtifactProgress
@@ -100,5 +100,12 @@ def decode_task(request: dict, keys: list[str] | None = None) -> list[str]:
     return _run_stage(DECODE, request, keys)
 
 
-STAGE_TASKS = {ENCODE: encode_task, DENOISE: denoise_task, DECODE: decode_task}
+@task(name="score", **STAGE_TASK_OPTIONS)
+def score_task(request: dict, keys: list[str] | None = None) -> list[str]:
+    """Scores of the request's finished items (those of the latents `keys`) with its scorers (`--score`);
+    returns the score files' URIs."""
+    return _run_stage(SCORE, request, keys)
+
+
+STAGE_TASKS = {ENCODE: encode_task, DENOISE: denoise_task, DECODE: decode_task, SCORE: score_task}
 """The stage tasks by stage name, in pipeline order."""

@@ -31,6 +31,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import get_current_settings
 from prefect.task_worker import TaskWorker
 
+from stagediff.devices import log_stage_devices
 from tasks.heartbeats import HEARTBEAT_SECONDS, Heartbeat, read_heartbeats
 from tasks.prefect_internals import Deliveries, execute, logger, worker_id
 from tasks.stage_tasks import STAGE_TASKS
@@ -54,6 +55,7 @@ async def serve(stages: list[str]) -> None:
         heartbeat = Heartbeat(identity, served, can_take_runs=lambda: deliveries.connected)
         beating = asyncio.create_task(heartbeat.keep_beating())
         logger.info("Stage worker %s serving %s", identity, ", ".join(served))
+        log_stage_devices(served, logger)
         try:
             async for task_run in deliveries:
                 heartbeat.started(task_run.id)

@@ -10,7 +10,7 @@ from pathlib import Path
 from stagediff.errors import StagediffError
 
 SCALES = ("tiny", "small", "full")
-FULL_SCALE = ("sdxl", "flux1", "flux1-schnell", "wan")
+FULL_SCALE = ("sdxl", "flux1", "flux1-schnell", "wan", "clip")
 """The families whose real sizes are built (those the GPU benchmark measures)."""
 
 # name -> "module" (its `build`) or "module:function" for a variant built by another function.
@@ -22,6 +22,7 @@ BUILDERS = {
     "flux2-klein": "stagediff.tiny.flux2:build_klein",
     "flux2-klein-base": "stagediff.tiny.flux2:build_klein_base",
     "wan": "stagediff.tiny.wan",
+    "clip": "stagediff.tiny.clip",
 }
 
 
