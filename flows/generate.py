@@ -40,6 +40,8 @@ def orchestrate(parameters: dict) -> str:
     if parameters["manifest"]:
         check_location("manifest", parameters["manifest"])
     plan = make_plan(request)
+    # One run, one revision: the stage runs get the commit the plan resolved (`org/name@<commit>`).
+    request, parameters = plan.request, {**parameters, "model": plan.request.model}
     plan.store.check_writable()
     dispatch = resolve_dispatch(parameters["dispatch"], plan.stages)
     logger.info("%d items, stages %s", len(plan.items), WHERE[dispatch])

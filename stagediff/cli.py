@@ -44,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--repair", action="store_true", help="remove corrupt artifacts (the next run recomputes them)")
     gc = commands.add_parser("gc", help="list what killed writers left (and unreferenced artifacts); delete with --delete")
     gc.add_argument("store", help="local folder or gs://bucket/prefix")
-    gc.add_argument("--unreferenced", action="store_true", help="also artifacts that no run's manifest refers to")
+    gc.add_argument("--unreferenced", action="store_true", help="also artifacts that no run declares (no manifest, "
+                    "no run record of a live or recently died run)")
     gc.add_argument("--delete", action="store_true", help="delete them (without it, only list them)")
     gc.add_argument("--older-than", type=float, default=LEFTOVER_AGE_SECONDS, metavar="SECONDS",
-                    help="only files at least this old (default 3600: a batch still running has no manifest yet)")
+                    help="only files at least this old (default 3600)")
 
     sheet = commands.add_parser("contact-sheet", help="one PNG of one or several runs side by side: rows are prompts, "
                                 "columns seeds and swept values")
@@ -158,15 +159,20 @@ def _generate(args, generate=None) -> int:
 
 
 def _stage(args) -> int:
+    from stagediff.manifest import default_run_name
     from stagediff.progress import TqdmProgress
+    from stagediff.run_records import declared_run, plan_paths
     from stagediff.stages import run_stage
 
     plan = _plan(args)
     plan.store.check_writable()
     _say_where_stages_run(plan, (args.command,))
     progress = TqdmProgress()
+    # Declared like a batch (a run record, no manifest): `gc` keeps its work for the next stage.
+    run_name = args.run_name or f"{args.command}-{default_run_name(plan.request.model)}"
     try:
-        uris = run_stage(args.command, plan, progress=progress).uris
+        with declared_run(plan.store, run_name, plan_paths(plan)):
+            uris = run_stage(args.command, plan, progress=progress).uris
     finally:
         progress.close()
     for uri in uris:
@@ -211,6 +217,7 @@ def _status_of_run(args) -> int:
     from stagediff.store import Store
 
     check_run_name(args.run)
+    check_location("--store", args.store)
     store = Store(args.store)
     try:
         manifest = json.loads(store.read_bytes(f"runs/{args.run}/manifest.json"))
@@ -237,6 +244,7 @@ def _verify(args) -> int:
     from stagediff.housekeeping import verify
     from stagediff.store import Store
 
+    check_location("--store", args.store)
     store = Store(args.store)
     with tqdm(desc="verify", unit="artifact", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         report = verify(store, repair=args.repair, on_checked=lambda path: bar.update(1))
@@ -252,14 +260,17 @@ def _gc(args) -> int:
     from stagediff.housekeeping import collect, garbage
     from stagediff.store import Store
 
+    check_location("--store", args.store)
     store = Store(args.store)
     report = garbage(store, unreferenced=args.unreferenced, older_than=args.older_than)
     if args.delete:
-        collect(store, report)
+        collect(store, report, older_than=args.older_than)
     for path in report.leftovers:
         print(f"leftover     {path}")
     for path in report.unreferenced:
         print(f"unreferenced {store.uri_of(path)}")
+    for path in report.kept:
+        print(f"kept         {store.uri_of(path)}  (declared or written again since it was listed)")
     found = len(report.leftovers) + len(report.unreferenced)
     print(f"{found} files {'deleted' if report.deleted else 'found (run again with --delete to delete them)'}")
     return 0

@@ -1,8 +1,9 @@
 """Where a run may read and write. On shared workers `STAGEDIFF_ALLOWED_ROOTS` names the roots (local
 folders and `gs://bucket/prefix`es, separated by commas): stores, model folders, manifest copies and
 prompt files must lie under one of them, anything else fails the run at once. Unset, nothing is
-restricted (the CLI and `make serve` on a user's own machine). Run names are confined always: they name
-a folder of the store."""
+restricted (the CLI and `make serve` on a user's own machine). Either way only plain local paths and
+gs:// URIs are accepted (any other scheme is refused, never handed to fsspec), and with roots set a gs://
+URI may not hold `.` or `..` segments. Run names are confined always: they name a folder of the store."""
 
 from __future__ import annotations
 
@@ -24,14 +25,31 @@ def check_run_name(name: str | None) -> None:
 
 
 def check_location(option: str, location: str) -> None:
-    """Fail with a one-line error when `location` (a local path or gs:// URI) is outside the allowed roots."""
+    """Fail with a one-line error when `location` is not a plain local path or a gs:// URI (any other
+    scheme would reach fsspec, which opens it with a filesystem of its own choosing), or, with roots
+    set, when it has `.`/`..` segments (gcsfs uses them literally) or lies outside the allowed roots."""
+    check_scheme(option, location)
     roots = allowed_roots()
     if roots is None:
         return
+    if location.startswith("gs://") and any(part in (".", "..") for part in location[5:].split("/")):
+        raise StagediffError(f"{option} {location}: '.' and '..' segments are not allowed in gs:// URIs while "
+                             f"{ALLOWED_ROOTS_VARIABLE} is set")
     resolved = _resolve(location)
     if not any(resolved == root or resolved.startswith(root.rstrip("/") + "/") for root in roots):
         raise StagediffError(f"{option} {location} is outside the roots this worker allows ({ALLOWED_ROOTS_VARIABLE}="
                              f"{os.environ[ALLOWED_ROOTS_VARIABLE]})")
+
+
+def check_scheme(option: str, location: str) -> None:
+    """Only plain local paths and gs:// URIs: `file://`, `gcs://`, `memory://`, chained `a::b` and any
+    other scheme are refused with one line."""
+    if location.startswith("gs://"):
+        return
+    if "://" in location or "::" in location or location.startswith("data:"):
+        scheme = location.split("://", 1)[0] if "://" in location else location.split(":", 1)[0]
+        raise StagediffError(f"{option} {location}: scheme {scheme!r} is not supported (give a plain local path "
+                             "or gs://bucket/path)")
 
 
 def allowed_roots() -> list[str] | None:

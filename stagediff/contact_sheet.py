@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from stagediff.containers import METADATA_KEYWORD, IncompleteFile, file_reader, png_metadata
+from stagediff.containers import METADATA_KEYWORD
+from stagediff.errors import CorruptArtifact
 from stagediff.loras import lora_name
 from stagediff.manifest import artifact_path
 from stagediff.media import middle_frame
@@ -195,12 +196,20 @@ def contact_sheet_png(runs: Sequence[SheetRun], read: Callable[[str], bytes], ke
 
 def write_contact_sheet(store: Store, run_name: str, manifest: dict) -> str:
     """Write `runs/<run_name>/contact-sheet.png` for a run whose media are in `store`; return its URI. A
-    sheet of the same items (a rerun that found everything done) is copied from the run that drew it,
-    found from one listing: only new sheets read media."""
+    sheet of the same items showing the same media files (a rerun that found everything done) is copied
+    from the run that drew it, found from listings: only new sheets, or sheets whose media were written
+    again since, read media."""
     runs = [SheetRun(manifest["model"], manifest)]
+    media = [artifact_path(item["media"]) for item in manifest["items"]]
+    listed: dict[str, dict] = {}
+    for folder in sorted({path.rsplit("/", 1)[0] for path in media}):
+        listed[folder] = store.list_folder(folder)
+    # Each media file's listing version (size, times, inode; an object's generation): a file written
+    # again under the same path gives the sheet another key.
+    versions = [getattr(listed[path.rsplit("/", 1)[0]].get(path.rsplit("/", 1)[1]), "version", None) for path in media]
     key = content_key({"sheet": SHEET_VERSION, "model": manifest["model"],
-                       "items": [{**item, "media": artifact_path(item["media"]), "embeddings": None, "latents": None}
-                                 for item in manifest["items"]]})
+                       "items": [{**item, "media": path, "media_version": version, "embeddings": None, "latents": None}
+                                 for item, path, version in zip(manifest["items"], media, versions)]})
     target = f"runs/{run_name}/{SHEET_NAME}"
     drawn = _sheet_with_key(store, key)
     if drawn == target:
@@ -216,14 +225,10 @@ def _sheet_with_key(store: Store, key: str) -> str | None:
     for path, listed in store.walk("runs").items():
         if not path.endswith(f"/{SHEET_NAME}"):
             continue
-        if listed.summary is not None:
-            recorded = listed.summary.get(SHEET_KEY)
-        else:
-            try:
-                with open(store.path(path), "rb") as file:
-                    recorded = png_metadata(file_reader(file), listed.size).get(SHEET_KEY)
-            except (IncompleteFile, ValueError):
-                recorded = None
+        try:
+            recorded = store.recorded(path, listed).get(SHEET_KEY)
+        except (CorruptArtifact, OSError):
+            recorded = None
         if recorded == key:
             return path
     return None

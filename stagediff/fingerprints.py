@@ -1,9 +1,11 @@
 """Content digests of model files: every byte hashed, once per machine.
 
-A file's digest is cached by (path, size, mtime, inode) in `~/.cache/stagediff/digests`
-(`STAGEDIFF_DIGEST_CACHE` moves it), so a 24 GB checkpoint is hashed once, and again only when it
-changes. Files of a Hugging Face cache snapshot are links to blobs named by their content hash (sha256
-for LFS files, the git blob id for others): that name is their digest, nothing is read. Large files are
+A file's digest is cached by (path, size, mtime, ctime, inode, device), as git's index keys its
+entries, in `~/.cache/stagediff/digests` (`STAGEDIFF_DIGEST_CACHE` moves it), so a 24 GB checkpoint is
+hashed once, and again when it changes, even by a rewrite that keeps its size and mtime (`cp -p`,
+`os.utime`: the ctime moves). Files of a Hugging Face cache snapshot (`models--*/snapshots/`) are links
+to the same repo's blobs, named by their content hash (sha256 for LFS files, the git blob id for
+others): that name is their digest, nothing is read. Links elsewhere are hashed like any file. Large files are
 hashed in chunks on every core (the digest is the sha256 of the chunks' sha256s).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +25,9 @@ IGNORED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.msgpack", "*.h5", "*.o
                    "*.ot", "*.gguf")
 """Weight formats stagediff never loads (it loads safetensors only): they are in no identity and are
 never downloaded."""
+
+BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+"""A git blob id (sha1) or an LFS sha256: how the Hub names the blobs of its cache."""
 
 _memory: dict[tuple, str] = {}
 _memory_lock = threading.Lock()
@@ -42,7 +48,8 @@ def file_digest(path: Path) -> str:
     if blob is not None:
         return blob
     stat = path.stat()
-    identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    # As git's index: a rewrite that keeps size and mtime (`cp -p`, `os.utime`) still changes ctime.
+    identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev)
     with _memory_lock:
         if identity in _memory:
             return _memory[identity]
@@ -61,12 +68,20 @@ def file_digest(path: Path) -> str:
 
 
 def hub_blob_digest(path: Path) -> str | None:
-    """`hf:<blob name>` for a file of a Hugging Face cache snapshot (a link into the repo's `blobs/`)."""
+    """`hf:<blob name>` for a file of a Hugging Face cache snapshot: a link that lies in a repo's
+    `snapshots/` and leads into the same repo's `blobs/`, to a blob named like a content hash. Links
+    anywhere else (a folder of links into some cache) are hashed like any file: they claim no identity."""
     if not path.is_symlink():
         return None
     target = Path(os.path.realpath(path))
-    if target.parent.name == "blobs" and target.parent.parent.name.startswith("models--"):
-        return f"hf:{target.name}"
+    repo = target.parent.parent
+    if target.parent.name != "blobs" or not repo.name.startswith("models--") or not BLOB_NAME.fullmatch(target.name):
+        return None
+    link = Path(os.path.abspath(path))
+    for parent in link.parents:
+        if parent.name == "snapshots":
+            in_repo = parent.parent.name.startswith("models--") and os.path.realpath(parent.parent) == str(repo)
+            return f"hf:{target.name}" if in_repo else None
     return None
 
 

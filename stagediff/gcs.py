@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
 TOKEN_VARIABLE = "STAGEDIFF_GCS_TOKEN"
 MODEL_CACHE_VARIABLE = "STAGEDIFF_MODEL_CACHE"
 MIRROR_INDEX = ".stagediff-mirror.json"
+PARTIAL_SUFFIX = ".partial"
+PARTIAL_AGE_SECONDS = 3600
 
 
 def storage_options() -> dict:
@@ -75,7 +78,7 @@ def mirror_folder(uri: str) -> Mirror:
         raise StagediffError(f"model not found: {uri} (no objects under it)")
     objects = {path: (_relative_object_name(path, remote, uri), info) for path, info in listing.items()}
     folder = model_cache_root() / remote
-    return Mirror(folder, _fetch_changed(fs, folder, objects))
+    return Mirror(folder, _fetch_changed(fs, folder, objects, follow=True))
 
 
 def mirror_file(uri: str, option: str) -> Path:
@@ -111,12 +114,18 @@ def _object_path(uri: str) -> str:
     return remote
 
 
-def _fetch_changed(fs, folder: Path, objects: dict[str, tuple[str, dict]]) -> int:
+def _fetch_changed(fs, folder: Path, objects: dict[str, tuple[str, dict]], follow: bool = False) -> int:
     """Download each object (remote path → (name under `folder`, listing info)) whose size and checksum
-    differ from those `folder`'s mirror index recorded; return how many were fetched."""
+    differ from those `folder`'s mirror index recorded; return how many were fetched. With `follow`
+    (a whole model folder), files the bucket no longer holds are removed from the mirror too, so that
+    every machine's mirror of one folder holds the same files (and gives the same keys). The index is
+    replaced atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     index_path = folder / MIRROR_INDEX
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    try:
+        index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    except ValueError:  # unreadable: every file is compared again
+        index = {}
     downloaded = 0
     for path, (relative, info) in sorted(objects.items()):
         fingerprint = [info.get("size"), info.get("md5Hash") or info.get("crc32c")]
@@ -124,13 +133,37 @@ def _fetch_changed(fs, folder: Path, objects: dict[str, tuple[str, dict]]) -> in
         if index.get(relative) == fingerprint and local.exists():
             continue
         local.parent.mkdir(parents=True, exist_ok=True)
-        partial = local.with_name(f".{local.name}.{uuid.uuid4().hex}.partial")
+        partial = local.with_name(f".{local.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
         fs.get_file(path, str(partial))
         partial.replace(local)
         index[relative] = fingerprint
         downloaded += 1
-    index_path.write_text(json.dumps(index, indent=1))
+    if follow:
+        wanted = {relative for relative, _ in objects.values()}
+        for local in sorted(folder.rglob("*")):
+            relative = local.relative_to(folder).as_posix()
+            if local.is_dir() or relative == MIRROR_INDEX or relative in wanted or _being_written(local):
+                continue
+            local.unlink(missing_ok=True)
+            index.pop(relative, None)
+        index = {relative: value for relative, value in index.items() if relative in wanted}
+    staged = index_path.with_name(f".{index_path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+    staged.write_text(json.dumps(index, indent=1))
+    staged.replace(index_path)
     return downloaded
+
+
+def is_partial(path: Path) -> bool:
+    """A download in progress (or one a killed process left): never part of a model's files."""
+    return path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX)
+
+
+def _being_written(path: Path) -> bool:
+    """A partial download young enough to belong to a live process (an older one is removed)."""
+    try:
+        return is_partial(path) and time.time() - path.stat().st_mtime < PARTIAL_AGE_SECONDS
+    except FileNotFoundError:
+        return True
 
 
 def _relative_object_name(path: str, remote: str, uri: str) -> str:

@@ -1,11 +1,12 @@
 """Looking after a store: `verify` reads every artifact in full (several at once) and can remove the
 corrupt ones so that they are recomputed; `gc` finds what killed writers left and, when asked, the
-artifacts no run's manifest refers to. Nothing is deleted unless asked; I/O errors are reported, never
-taken for corruption."""
+artifacts that no run declares (manifests, and the records of live or recently died runs: see
+`stagediff.run_records`). Nothing is deleted unless asked, and each file is checked again right before
+it is deleted; I/O errors are reported, never taken for corruption."""
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -13,14 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from stagediff.errors import CorruptArtifact, one_line
-from stagediff.manifest import ARTIFACT_FOLDERS, artifact_path
 from stagediff.media import CorruptMedia, verified_media_metadata
-from stagediff.store import LEFTOVER_AGE_SECONDS, Store
+from stagediff.run_records import DeclarationReader
+from stagediff.store import CORRUPT_MARKER_SUFFIX, LEFTOVER_AGE_SECONDS, Store
 
 TENSOR_FOLDERS = ("embeddings", "latents")
 MEDIA_FOLDER = "media"
 RUNS_FOLDER = "runs"
 VERIFY_THREADS = 8
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +40,8 @@ class GcReport:
     leftovers: list[str] = field(default_factory=list)
     unreferenced: list[str] = field(default_factory=list)
     deleted: bool = False
+    kept: list[str] = field(default_factory=list)
+    """Found unreferenced, but declared or written again by the time of their delete."""
 
 
 def artifact_paths(store: Store) -> list[str]:
@@ -62,8 +67,10 @@ def verify(store: Store, repair: bool = False, on_checked: Callable[[str], None]
                 on_checked(path)
     if repair:
         for path in report.corrupt:
-            store.remove(path)
-            report.removed.append(path)
+            # Checked again right before: a stage may have written it again since it was read.
+            if _check(store, path) == "corrupt":
+                store.remove(path)
+                report.removed.append(path)
     return report
 
 
@@ -84,37 +91,52 @@ def _check(store: Store, path: str) -> str | None:
 
 def garbage(store: Store, unreferenced: bool = False, older_than: float = LEFTOVER_AGE_SECONDS) -> GcReport:
     """What `gc` would delete: leftovers of killed writers, and (with `unreferenced`) artifacts that no
-    manifest under runs/ refers to, both only once `older_than` seconds old (a batch still running
-    has written no manifest yet)."""
+    manifest and no fresh run record under runs/ declares (`stagediff.run_records`), both only once
+    `older_than` seconds old."""
     folders = (*TENSOR_FOLDERS, MEDIA_FOLDER, RUNS_FOLDER)
     report = GcReport(leftovers=sorted({path for folder in folders for path in store.leftovers(folder, older_than)}))
     if unreferenced:
-        referenced = _referenced(store)
+        protected = DeclarationReader(store).read().protected
         now = time.time()
         listed = {**{p: i for f in TENSOR_FOLDERS for p, i in store.walk(f).items()}, **store.walk(MEDIA_FOLDER)}
         report.unreferenced = sorted(
             path for path, info in listed.items()
-            if path not in referenced and (info.modified is None or now - info.modified >= older_than)
+            if _declared(path) not in protected and (info.modified is None or now - info.modified >= older_than)
         )
     return report
 
 
-def collect(store: Store, report: GcReport) -> GcReport:
-    """Delete what `garbage` found."""
+def collect(store: Store, report: GcReport, older_than: float = LEFTOVER_AGE_SECONDS) -> GcReport:
+    """Delete what `garbage` found, checking each artifact again right before deleting it: kept when a
+    run has declared it since (manifests and run records read again), or when it was written again
+    (younger than `older_than`, or another version than listed). What was kept is in `report.kept`."""
     for path in report.leftovers:
-        os.remove(path)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        except OSError as error:  # another user's file: theirs to clean
+            logger.warning("cannot remove leftover %s: %s", path, one_line(error))
+    declarations = DeclarationReader(store)
+    deleted = []
     for path in report.unreferenced:
+        if _declared(path) in declarations.read().protected:
+            report.kept.append(path)
+            continue
+        folder, name = path.rsplit("/", 1)
+        info = store.list_folder(folder).get(name)
+        if info is None:
+            continue
+        if info.modified is not None and time.time() - info.modified < older_than:
+            report.kept.append(path)
+            continue
         store.remove(path)
+        deleted.append(path)
+    report.unreferenced = deleted
     report.deleted = True
     return report
 
 
-def _referenced(store: Store) -> set[str]:
-    """Relative paths of every artifact some run's manifest names."""
-    referenced = set()
-    for path in store.walk(RUNS_FOLDER):
-        if path.endswith("/manifest.json"):
-            manifest = json.loads(store.read_bytes(path))
-            for item in manifest["items"]:
-                referenced |= {artifact_path(item[kind]) for kind in ARTIFACT_FOLDERS}
-    return referenced
+def _declared(path: str) -> str:
+    """The artifact a file belongs to (a corruption note `<artifact>.corrupt` goes with its artifact)."""
+    return path.removesuffix(CORRUPT_MARKER_SUFFIX)

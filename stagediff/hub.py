@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stagediff.errors import StagediffError, one_line
-from stagediff.fingerprints import IGNORED_WEIGHTS, digest_cache_folder, file_digest
+from stagediff.fingerprints import IGNORED_WEIGHTS, digest_cache_folder
 
 CONFIG_PATTERNS = ("model_index.json", "*/*.json")
 
@@ -55,22 +55,36 @@ class HubSnapshot:
         return {name: tuple(info.shape) for name, info in header.tensors.items()}
 
 
-def open_snapshot(repo_id: str) -> HubSnapshot:
-    """The snapshot of `repo_id` (the local cache when offline) with its configs downloaded."""
+def open_snapshot(repo_id: str, revision: str | None = None) -> HubSnapshot:
+    """The snapshot of `repo_id` at `revision` (default: the Hub's `main`, resolved to its commit now;
+    the local cache when offline) with its configs downloaded."""
     from huggingface_hub import snapshot_download
 
+    where = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=list(CONFIG_PATTERNS)))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(CONFIG_PATTERNS)))
     except Exception as error:
-        raise StagediffError(f"model not found: {repo_id} (no such folder; Hugging Face download failed: "
+        if _unreachable(error):
+            raise StagediffError(f"model {where}: the Hugging Face Hub cannot be reached or refuses requests now "
+                                 f"({one_line(error)}); try again later or pin --model {repo_id}@<commit>") from None
+        raise StagediffError(f"model not found: {where} (no such folder; Hugging Face download failed: "
                              f"{one_line(error)})") from None
-    revision = folder.name
-    return HubSnapshot(repo_id, revision, folder, _listing(repo_id, revision, folder))
+    return HubSnapshot(repo_id, folder.name, folder, _listing(repo_id, folder.name))
 
 
-def _listing(repo_id: str, revision: str, folder: Path) -> dict[str, str]:
-    """Path → digest for the commit's files, from the Hub (cached per commit: a commit never changes), or
-    from the blob names of the files in the local snapshot when the Hub cannot be reached."""
+def _unreachable(error: Exception) -> bool:
+    """A connection failure, a timeout or an answer like 429/5xx: the Hub, not the model, is the problem."""
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    if status is not None:
+        return status == 429 or status >= 500
+    return not isinstance(error, (FileNotFoundError, ValueError)) or "connect" in str(error).lower()
+
+
+def _listing(repo_id: str, revision: str) -> dict[str, str]:
+    """Path → digest for the commit's files, from the Hub (cached per commit: a commit never changes).
+    A Hub that cannot be reached or refuses (429) is a one-line error: keys never come from whichever
+    files the local cache happens to hold."""
     cached = digest_cache_folder() / "hub" / repo_id.replace("/", "--") / f"{revision}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
@@ -81,11 +95,12 @@ def _listing(repo_id: str, revision: str, folder: Path) -> dict[str, str]:
         entries = HfApi().list_repo_tree(repo_id, revision=revision, recursive=True)
         listing = {entry.path: f"hf:{entry.lfs.sha256 if entry.lfs else entry.blob_id}"
                    for entry in entries if isinstance(entry, RepoFile)}
-    except Exception:  # offline, or the Hub is down: what the local snapshot holds is all there is
-        return {str(path.relative_to(folder)): file_digest(path) for path in folder.rglob("*") if path.is_file()}
+    except Exception as error:
+        raise StagediffError(f"model {repo_id}@{revision[:12]}: listing its files on the Hugging Face Hub failed "
+                             f"({one_line(error)}); its identity comes from that listing, never from local files "
+                             "alone") from None
     cached.parent.mkdir(parents=True, exist_ok=True)
     staged = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}")
     staged.write_text(json.dumps(listing))
     staged.replace(cached)
     return listing
-

@@ -2,18 +2,19 @@
 from a body: which stages still have work, how far a run got, what `stagediff status` reports. On an
 object store the listing carries each upload's summary (key, checksum, size), so deciding costs a few
 paged listing requests for thousands of items; on a local disk it costs one small header read per
-artifact. Bodies are verified in full where they are consumed (and by `stagediff verify`)."""
+artifact. The stages ask it too whether their artifacts are done (one judge, never a body read).
+Bodies are verified in full where they are consumed (and by `stagediff verify`); a version that a
+consumer found corrupt (its note, `<artifact>.corrupt`) counts as corrupt."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
 
-from stagediff.containers import LATENTS_CHECKSUM, IncompleteFile, file_reader, mp4_metadata, png_metadata
 from stagediff.errors import CorruptArtifact
 from stagediff.manifest import artifact_path
 from stagediff.plan import DECODE, DENOISE, ENCODE, Plan
-from stagediff.store import CHECKSUM_METADATA, KEY_METADATA, Listed, Store, read_safetensors_header
+from stagediff.store import CORRUPT_MARKER_SUFFIX, Listed, Store, quarantined_version
 
 DONE, MISSING, CORRUPT, STALE = "done", "missing", "corrupt", "stale"
 """Artifact states: complete; absent; truncated, foreign or under another key; media decoded from other
@@ -32,14 +33,15 @@ class Inventory:
         listed = self._listed(relative)
         if listed is None:
             return MISSING, None
-        if listed.summary is not None:
-            summary = listed.summary
-            return (DONE, summary["checksum"]) if summary.get("key") == key and summary.get("checksum") else (CORRUPT, None)
+        if self._marked_corrupt(relative, listed):
+            return CORRUPT, None
         try:
-            metadata = read_safetensors_header(self.store.path(relative))
+            recorded = self.store.recorded(relative, listed)
         except CorruptArtifact:
             return CORRUPT, None
-        return (DONE, metadata.get(CHECKSUM_METADATA)) if metadata.get(KEY_METADATA) == key else (CORRUPT, None)
+        if recorded.get("key") == key and recorded.get("checksum"):
+            return DONE, recorded["checksum"]
+        return CORRUPT, None
 
     def media(self, relative: str, latents_checksum: str | None) -> str:
         """The state of a media file that should be decoded from latents with `latents_checksum` (None:
@@ -47,18 +49,34 @@ class Inventory:
         listed = self._listed(relative)
         if listed is None:
             return MISSING
-        if listed.summary is not None:
-            recorded = listed.summary.get("latents-checksum")
-            if recorded is None:
-                return CORRUPT
-        else:
-            read_metadata = png_metadata if relative.endswith(".png") else mp4_metadata
-            try:
-                with open(self.store.path(relative), "rb") as file:
-                    recorded = read_metadata(file_reader(file), listed.size).get(LATENTS_CHECKSUM)
-            except (IncompleteFile, ValueError):
-                return CORRUPT
-        return DONE if recorded is not None and recorded == latents_checksum else STALE
+        if self._marked_corrupt(relative, listed):
+            return CORRUPT
+        try:
+            recorded = self.store.recorded(relative, listed).get("latents-checksum")
+        except CorruptArtifact:
+            return CORRUPT
+        if recorded is None:
+            return CORRUPT
+        return DONE if recorded == latents_checksum else STALE
+
+    def noted_corrupt(self, paths) -> list[str]:
+        """Those of `paths` whose present version a consuming stage found corrupt (`Store.mark_corrupt`)."""
+        noted = []
+        for path in paths:
+            listed = self._listed(path)
+            if listed is not None and self._marked_corrupt(path, listed):
+                noted.append(path)
+        return noted
+
+    def _marked_corrupt(self, relative: str, listed: Listed) -> bool:
+        """Whether the stage that consumed this very version of the artifact found its body corrupt."""
+        marker = self._listed(relative + CORRUPT_MARKER_SUFFIX)
+        if marker is None:
+            return False
+        try:
+            return quarantined_version(self.store, relative) == listed.version
+        except FileNotFoundError:
+            return False
 
     def _listed(self, relative: str) -> Listed | None:
         folder, name = relative.rsplit("/", 1)

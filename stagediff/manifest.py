@@ -26,7 +26,8 @@ def artifact_path(uri: str) -> str:
 
 def default_run_name(model: str) -> str:
     """`<model name>-<date>-<time>-<random>`: unique, and sorted by time."""
-    return f"{model.rstrip('/').rsplit('/', 1)[-1]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    name = model.split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]  # `org/name@<commit>`: the name
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def manifest_of(plan: Plan) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from stagediff.errors import StagediffError
 from stagediff.families import Family, family_for_pipeline
 from stagediff.fingerprints import file_digest, is_ignored_weight
 from stagediff.hub import HubSnapshot, open_snapshot
+
+HUB_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A commit, branch or tag name given as `--model org/name@REVISION`."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,9 @@ class Model:
         if self.hub:
             return sorted(path for path in self.hub.file_digests if path.startswith(f"{component}/"))
         root = self.folder / component
-        return sorted(str(path.relative_to(self.folder)) for path in root.rglob("*") if path.is_file())
+        # A download in progress (a gs:// mirror being refreshed) is no file of the model's.
+        return sorted(str(path.relative_to(self.folder)) for path in root.rglob("*")
+                      if path.is_file() and not (path.name.startswith(".") and path.name.endswith(".partial")))
 
     def _file_digest(self, path: str) -> str:
         return self.hub.file_digests[path] if self.hub else file_digest(self.folder / path)
@@ -116,7 +122,7 @@ def open_model(reference: str) -> Model:
     else:
         folder = _local_folder(reference)
         if folder is None:
-            hub = open_snapshot(reference)
+            hub = open_snapshot(*split_hub_reference(reference))
             folder = hub.folder
     index_path = folder / "model_index.json"
     if not index_path.is_file():
@@ -136,14 +142,32 @@ def _local_folder(reference: str) -> Path | None:
         return path.resolve()
     if path.exists():
         raise StagediffError(f"--model {reference} is a file, not a diffusers model folder")
-    if not looks_like_hub_id(reference):
+    repo_id, revision = split_hub_reference(reference)
+    if not looks_like_hub_id(repo_id):
         raise StagediffError(f"model not found: {reference} (no such folder)")
+    if revision is not None and not HUB_REVISION.fullmatch(revision):
+        raise StagediffError(f"--model {reference}: revision {revision!r} is not a commit, branch or tag name")
     return None
 
 
 def is_hub_id(reference: str) -> bool:
-    """True for a Hugging Face id: `org/name`, not a gs:// URI, and nothing at that path here."""
-    return looks_like_hub_id(reference) and not Path(reference).expanduser().exists()
+    """True for a Hugging Face id: `org/name` or `org/name@revision`, not a gs:// URI, and nothing at that
+    path here."""
+    return looks_like_hub_id(split_hub_reference(reference)[0]) and not Path(reference).expanduser().exists()
+
+
+def split_hub_reference(reference: str) -> tuple[str, str | None]:
+    """`org/name@revision` → (`org/name`, `revision`); (`org/name`, None) without a revision."""
+    repo_id, _, revision = reference.partition("@")
+    return repo_id, revision or None
+
+
+def pinned_reference(model: Model) -> str:
+    """The `--model` that names exactly this model: a Hub id with the commit it resolved to
+    (`org/name@<commit>`), so that every stage of a run, in any process, loads that commit."""
+    if model.hub is None:
+        return model.reference
+    return f"{model.hub.repo_id}@{model.hub.revision}"
 
 
 def looks_like_hub_id(reference: str) -> bool:

@@ -11,7 +11,7 @@ from stagediff.confinement import check_location
 from stagediff.errors import StagediffError
 from stagediff.families import Family, Settings
 from stagediff.loras import AppliedLora, LoraFile, open_lora
-from stagediff.models import Model, is_hub_id, open_model
+from stagediff.models import Model, is_hub_id, open_model, pinned_reference
 from stagediff.request import GRID_FIELDS, Request, values_of
 from stagediff.store import Store, content_key
 
@@ -138,6 +138,9 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
     if not is_hub_id(request.model):
         check_location("--model", request.model)
     model = model or open_model(request.model)
+    # One run, one revision: a Hub id is planned at the commit it resolves to now, and the request every
+    # stage (and every remote worker) receives names that commit (`org/name@<commit>`).
+    request = request.replace(model=pinned_reference(model)) if model.hub else request
     family = model.family
     loras = {source: open_lora(source, model) for source, _ in request.lora_scales}
     points = resolve_points(request, model, loras)

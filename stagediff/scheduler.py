@@ -24,10 +24,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from stagediff.contact_sheet import write_contact_sheet
-from stagediff.inventory import DONE, PlanState, plan_state
+from stagediff.errors import CorruptInput
+from stagediff.inventory import DONE, Inventory, PlanState, plan_state
 from stagediff.manifest import manifest_of, write_manifest
 from stagediff.plan import DECODE, DENOISE, ENCODE, SCORE, Item, Plan
 from stagediff.request import Request
+from stagediff.run_records import declared_run, plan_paths
 
 MAX_ITEMS_PER_UNIT = 32
 """A unit's items at most: its progress, and what a lost run takes back to the queue."""
@@ -35,6 +37,8 @@ UNITS_PER_ACCELERATOR = 2
 """Denoise units per accelerator worker: one computing while the next is queued (each unit costs a
 dispatch: measured on the 2-core VM, 24 items on one warm worker took 21.7-22.8 s in 6 units of 4 items
 and 15.1-15.4 s in 2 of 12)."""
+CORRUPT_INPUT_ATTEMPTS = 2
+"""Schedules a run makes when a stage finds an input corrupt: the second one has its producer rewrite it."""
 WAIT_SECONDS = 0.5
 """How long the run waits for a unit to finish before it lets the executor look after its runs."""
 
@@ -176,7 +180,34 @@ class BatchRun:
         self.log = log or (lambda message: None)
 
     def run(self) -> str:
-        """Run every unit the batch still needs; return the manifest's URI."""
+        """Run every unit the batch still needs; return the manifest's URI. The run declares its
+        artifacts (its run record) before it looks at the store, and keeps the record fresh until
+        its manifest is written."""
+        with declared_run(self.plan.store, self.run_name, plan_paths(self.plan)) as self._record:
+            try:
+                for attempt in range(CORRUPT_INPUT_ATTEMPTS):
+                    try:
+                        self._run_units()
+                        break
+                    except Exception as error:
+                        # A stage found an input corrupt and noted it in the store (here, or on a
+                        # worker whose failure reaches us as another error): the new schedule has its
+                        # producer write it again.
+                        if attempt + 1 == CORRUPT_INPUT_ATTEMPTS or not (
+                                isinstance(error, CorruptInput) or self._noted_corrupt()):
+                            raise
+                        self.log(f"{error}; scheduling its producing stage again")
+            finally:
+                self.executor.close()
+            manifest_uri = write_manifest(self.plan, self.run_name, self.manifest_copy)
+            write_contact_sheet(self.plan.store, self.run_name, manifest_of(self.plan))
+        return manifest_uri
+
+    def _noted_corrupt(self) -> list[str]:
+        inputs = [e.path for e in self.plan.embeddings] + [item.latents_path for item in self.plan.items]
+        return Inventory(self.plan.store).noted_corrupt(inputs)
+
+    def _run_units(self) -> None:
         state = plan_state(self.plan)
         units = schedule(self.plan, state, self.executor.accelerators, self.unit_items)
         done, total = state.done_items, len(self.plan.items)
@@ -185,15 +216,10 @@ class BatchRun:
             counts = {stage: sum(unit.stage == stage for unit in units) for stage in (ENCODE, DENOISE, DECODE, SCORE)}
             self.log(f"{total - done} of {total} items to make: " +
                      ", ".join(f"{count} {stage} runs" for stage, count in counts.items() if count))
-            try:
-                for unit in self._execute(units):
-                    done += unit.items
-                    self.on_progress(done, total)
-            finally:
-                self.executor.close()
-        manifest_uri = write_manifest(self.plan, self.run_name, self.manifest_copy)
-        write_contact_sheet(self.plan.store, self.run_name, manifest_of(self.plan))
-        return manifest_uri
+            for unit in self._execute(units):
+                self._record.wrote_nothing = False
+                done += unit.items
+                self.on_progress(done, total)
 
     def _execute(self, units: list[Unit]):
         """Submit units as they become ready and room allows; yield each as it finishes."""

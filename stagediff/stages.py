@@ -25,10 +25,11 @@ from stagediff.cache_spec import check_cache_backend
 from stagediff.containers import LATENTS_CHECKSUM
 from stagediff.devices import check_placement
 from stagediff.decoding import choose_tile, decode_bytes, place_decoder, set_tiling, tiles_used, vae_input_shape
-from stagediff.errors import CorruptArtifact, StagediffError
+from stagediff.errors import CorruptArtifact, CorruptInput, StagediffError
 from stagediff.families import Settings
+from stagediff.inventory import DONE, Inventory
 from stagediff.loras import AppliedLora, fuse_loras
-from stagediff.media import CorruptMedia, media_bytes, verified_media_metadata
+from stagediff.media import media_bytes
 from stagediff.plan import DECODE, DENOISE, ENCODE, SCORE, Embedding, Item, Plan
 from stagediff.progress import Progress
 from stagediff.request import AUTO
@@ -201,8 +202,9 @@ class Stage(ABC):
         """The artifact's path in the store."""
 
     @abstractmethod
-    def is_done(self, plan: Plan, artifact) -> bool:
-        """Whether the store holds the artifact, whole and current."""
+    def is_done(self, plan: Plan, artifact, inventory: Inventory) -> bool:
+        """Whether the store holds the artifact, whole and current, as the inventory judges it (from
+        listings and headers: bodies are read where they are consumed)."""
 
     def group(self, artifact) -> Hashable:
         """Artifacts of one group share the loaded pipeline (the same LoRAs, the same grid point)."""
@@ -234,7 +236,8 @@ class Stage(ABC):
         store = plan.store
         selected = self._select(plan, keys)
         result = StageResult(self.name, [store.uri_of(self.path(artifact)) for artifact in selected])
-        pending = [artifact for artifact in selected if not self.is_done(plan, artifact)]
+        inventory = Inventory(store)
+        pending = [artifact for artifact in selected if not self.is_done(plan, artifact, inventory)]
         if not pending:
             return result
         check_stage_placement(plan, self.name)
@@ -328,8 +331,8 @@ class EncodeStage(Stage):
     def path(self, embedding):
         return embedding.path
 
-    def is_done(self, plan, embedding):
-        return plan.store.has_valid_tensors(embedding.path, embedding.key)
+    def is_done(self, plan, embedding, inventory):
+        return inventory.tensors(embedding.path, embedding.key)[0] == DONE
 
     def group(self, embedding):
         return embedding.loras
@@ -357,8 +360,8 @@ class DenoiseStage(Stage):
     def path(self, item):
         return item.latents_path
 
-    def is_done(self, plan, item):
-        return plan.store.has_valid_tensors(item.latents_path, item.latents_key)
+    def is_done(self, plan, item, inventory):
+        return inventory.tensors(item.latents_path, item.latents_key)[0] == DONE
 
     def read_inputs(self, plan, pending):
         # Each needed embedding once.
@@ -390,8 +393,9 @@ class DecodeStage(Stage):
     def path(self, item):
         return item.media_path
 
-    def is_done(self, plan, item):
-        return _has_valid_media(plan, item)
+    def is_done(self, plan, item, inventory):
+        checksum = inventory.tensors(item.latents_path, item.latents_key)[1]
+        return inventory.media(item.media_path, checksum) == DONE
 
     def batch_size(self, plan, loaded, group):
         requested = _requested_batch(plan)
@@ -439,8 +443,9 @@ class ScoreStage(Stage):
     def path(self, task: ScoreTask):
         return task.path
 
-    def is_done(self, plan, task: ScoreTask):
-        return read_score(plan.store, task, _latents_checksum(plan, task.item) or "") is not None
+    def is_done(self, plan, task: ScoreTask, inventory):
+        checksum = inventory.tensors(task.item.latents_path, task.item.latents_key)[1]
+        return read_score(plan.store, task, checksum or "") is not None
 
     def group(self, task: ScoreTask):
         return task.scorer
@@ -583,25 +588,6 @@ def _grouped(pending: list, same) -> Iterable[list]:
     return groups.values()
 
 
-def _has_valid_media(plan: Plan, item: Item) -> bool:
-    """True when the media file decodes completely and was decoded from the latents the store holds now
-    (latents recomputed since make it stale); a corrupt one is reported and counts as missing."""
-    store = plan.store
-    try:
-        data = store.read_bytes(item.media_path)
-        latents_checksum = store.read_metadata(item.latents_path).get(CHECKSUM_METADATA)
-    except FileNotFoundError:
-        return False
-    except CorruptArtifact:
-        return False  # the latents are recomputed, and this media file with them
-    try:
-        recorded = verified_media_metadata(plan.family.media_extension, data)
-    except CorruptMedia as error:
-        print(f"stagediff: corrupt media {store.uri_of(item.media_path)} ({error}); recomputing it")
-        return False
-    return recorded.get(LATENTS_CHECKSUM) == latents_checksum
-
-
 def media_metadata(plan: Plan, item: Item) -> dict:
     """Generation metadata written into each media file."""
     settings = item.settings
@@ -631,19 +617,24 @@ def media_metadata(plan: Plan, item: Item) -> dict:
 
 
 def _read_embeddings(plan: Plan, item: Item) -> dict[str, torch.Tensor]:
-    try:
-        return plan.store.read_tensors(item.embedding.path, item.embedding.key)
-    except (FileNotFoundError, CorruptArtifact):
-        raise StagediffError(
-            f"embeddings for prompt {item.prompt!r} are missing or corrupt in {plan.store.uri}: run the encode stage first"
-        ) from None
+    return _read_input(plan, item.embedding.path, item.embedding.key, f"embeddings for prompt {item.prompt!r}",
+                       "encode").tensors
 
 
 def _read_latents(plan: Plan, item: Item) -> Artifact:
+    return _read_input(plan, item.latents_path, item.latents_key,
+                       f"latents for prompt {item.prompt!r} seed {item.seed}", "denoise")
+
+
+def _read_input(plan: Plan, path: str, key: str, what: str, producer: str) -> Artifact:
+    """An input artifact read and verified in full. A corrupt one is noted as such in the store (the
+    inventory then counts it as corrupt, so the next schedule has `producer` write it again) and fails
+    this stage with `CorruptInput`; this stage deletes nothing."""
     try:
-        return plan.store.read_artifact(item.latents_path, item.latents_key)
-    except (FileNotFoundError, CorruptArtifact):
-        raise StagediffError(
-            f"latents for prompt {item.prompt!r} seed {item.seed} are missing or corrupt in {plan.store.uri}: "
-            "run the denoise stage first"
-        ) from None
+        return plan.store.read_artifact(path, key)
+    except FileNotFoundError:
+        raise StagediffError(f"{what} are missing in {plan.store.uri}: run the {producer} stage first") from None
+    except CorruptArtifact as error:
+        plan.store.mark_corrupt(path, error)
+        raise CorruptInput(f"{what} are corrupt in {plan.store.uri} ({error}): the {producer} stage writes them "
+                           "again on the next run", path) from None

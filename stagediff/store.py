@@ -1,11 +1,15 @@
-"""The artifact store: safetensors and media files under one fsspec URI, written atomically,
-verified on read.
+"""The artifact store: safetensors and media files under one store URI, written atomically, verified on
+read. `Store(uri)` is a `LocalStore` (a plain local path) or an `ObjectStore` (`gs://bucket/prefix`);
+every other scheme is refused.
 
 Layout (relative to the store root):
     embeddings/<family>/<key>.safetensors
     latents/<family>/<key>.safetensors
     media/<key>.png | <key>.mp4
+    <artifact>.corrupt                  a consuming stage's note: this version of the artifact is corrupt
+    runs/<run-name>/record.json         what a run declares, written at its start (`stagediff.run_records`)
     runs/<run-name>/manifest.json
+    runs/<run-name>/contact-sheet.png
 """
 
 from __future__ import annotations
@@ -13,20 +17,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import fsspec
 from safetensors import SafetensorError
 
 from stagediff import __version__
+from stagediff.confinement import check_scheme
 from stagediff.errors import CorruptArtifact, StagediffError, one_line
+
+logger = logging.getLogger(__name__)
 
 KEY_METADATA = "stagediff.key"
 INPUTS_METADATA = "stagediff.inputs"
@@ -38,6 +46,8 @@ local temporary folder under `LOCAL_TEMP_PREFIXES` (object stores); readers neve
 LOCAL_TEMP_PREFIXES = ("stagediff-upload-", "stagediff-download-")
 LEFTOVER_AGE_SECONDS = 3600
 """A staged file this old belongs to a writer that died: no write takes an hour."""
+CORRUPT_MARKER_SUFFIX = ".corrupt"
+"""`<artifact>.corrupt`: the note a consuming stage leaves beside an artifact whose body it found corrupt."""
 SUMMARY_PREFIX = "stagediff-"
 """Object-store metadata of every upload: its summary (key, checksum, ...) and its size in bytes, so that
 a listing alone tells a complete artifact from a missing or foreign one."""
@@ -62,18 +72,25 @@ def tensor_checksum(tensors: Mapping[str, "torch.Tensor"]) -> str:
 
 
 class Store:
-    """Artifacts under a local folder or any fsspec URI (`gs://bucket/prefix`)."""
+    """Artifacts under one store URI: a local folder (`LocalStore`) or `gs://bucket/prefix`
+    (`ObjectStore`). `Store(uri)` returns the implementation the URI names and refuses any other
+    scheme (a one-line error): fsspec never gets to pick a filesystem from a user's string.
+
+    The two implementations differ only in how a file is listed, staged, committed and copied; what
+    is done is decided from their listings by `stagediff.inventory`."""
+
+    is_local: bool
+
+    def __new__(cls, uri: str, *args, **kwargs):
+        if cls is Store:
+            check_store_uri(uri)
+            cls = ObjectStore if uri.startswith("gs://") else LocalStore
+        return super().__new__(cls)
 
     def __init__(self, uri: str):
         self.uri = uri
-        if uri.startswith("gs://"):
-            from stagediff import gcs
-
-            self.fs, self.root = gcs.filesystem(), uri.removeprefix("gs://")
-        else:
-            self.fs, self.root = fsspec.core.url_to_fs(uri)
-        self.root = self.root.rstrip("/")
-        self.is_local = "file" in self.fs.protocol or "local" in self.fs.protocol
+        self.fs = None
+        self.root = ""
 
     # -- paths ---------------------------------------------------------------------------------
     def path(self, relative: str) -> str:
@@ -81,16 +98,12 @@ class Store:
 
     def uri_of(self, relative: str) -> str:
         """The URI a user can open: a plain path for local stores, `protocol://...` otherwise."""
-        full = self.path(relative)
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return full if protocol in ("file", "local") else f"{protocol}://{full}"
+        return self.path(relative)
 
     # -- checks --------------------------------------------------------------------------------
     def check_writable(self) -> None:
         """Fail with a one-line error now, before any work, if the store cannot be written."""
         probe = self.path(f".write-probe-{uuid.uuid4().hex}")
-        if not self.is_local:
-            self._check_bucket()
         try:
             self.fs.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(probe, b"")
@@ -98,34 +111,24 @@ class Store:
         except Exception as error:
             raise StagediffError(f"store {self.uri} is not writable: {one_line(error)}") from None
 
-    def _check_bucket(self) -> None:
-        bucket = self.root.split("/", 1)[0]
-        try:
-            found = self.fs.exists(bucket)
-        except Exception as error:
-            raise StagediffError(f"store {self.uri}: cannot reach bucket {bucket!r}: {one_line(error)}") from None
-        if not found:
-            raise StagediffError(f"store {self.uri}: bucket {bucket!r} does not exist or is not visible to these credentials")
-
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
 
     def list_folder(self, relative_folder: str) -> dict[str, "Listed"]:
         """The files of a folder, by name, from one listing (paged by the object store): sizes, and on
         object stores the summaries their writers recorded. Never reads a body."""
-        if self.is_local:
-            try:
-                entries = list(os.scandir(self.path(relative_folder)))
-            except FileNotFoundError:
-                return {}
-            return {entry.name: Listed(entry.stat().st_size, None) for entry in entries
-                    if entry.is_file() and not entry.name.startswith(LEFTOVER_PREFIX)}
-        try:
-            infos = self.fs.ls(self.path(relative_folder), detail=True)
-        except FileNotFoundError:
-            return {}
-        return {info["name"].rsplit("/", 1)[-1]: Listed(int(info["size"]), _summary(info))
-                for info in infos if info.get("type") == "file"}
+        raise NotImplementedError
+
+    def walk(self, relative_folder: str) -> dict[str, "Listed"]:
+        """Every file below a folder (relative path → listing entry), leftovers aside; paged listings."""
+        raise NotImplementedError
+
+    def recorded(self, relative: str, listed: "Listed") -> dict[str, str]:
+        """What the writer of an artifact recorded about it (`key` and `checksum` of tensors,
+        `latents-checksum` of media, `contact-sheet-key` of sheets): from the listing on object
+        stores, from the file's header on local ones (never the body). Raises CorruptArtifact when
+        the header is unreadable or the upload carries no summary."""
+        raise NotImplementedError
 
     # -- tensors -------------------------------------------------------------------------------
     def write_tensors(self, relative: str, tensors: Mapping[str, "torch.Tensor"], key: str, inputs: Mapping) -> str:
@@ -174,69 +177,78 @@ class Store:
             return read_safetensors_header(local, uri=self.uri_of(relative))
 
     def has_valid_tensors(self, relative: str, key: str) -> bool:
-        """True when the artifact exists and verifies; a corrupt one is reported and counts as missing."""
+        """True when the artifact exists and verifies in full; a corrupt one is reported (logged) and
+        counts as missing. For `verify` and tests: stages decide from the inventory."""
         try:
             self.read_tensors(relative, key)
         except FileNotFoundError:
             return False
         except CorruptArtifact as error:
-            print(f"stagediff: {error}; recomputing it")
+            logger.warning("%s; recomputing it", error)
             return False
         return True
 
+    def version_of(self, relative: str) -> str | None:
+        """The listing version of one file (None when absent)."""
+        folder, name = relative.rsplit("/", 1)
+        listed = self.list_folder(folder).get(name)
+        return listed.version if listed else None
+
+    def mark_corrupt(self, relative: str, error: Exception) -> None:
+        """Note that this very version of an artifact was found corrupt by the stage consuming it, so
+        that the inventory counts it as corrupt and the stage producing it writes it again. (No stage
+        deletes another stage's artifact; a rewritten artifact has a new version, and the note no
+        longer applies to it.)"""
+        version = self.version_of(relative)
+        if version is None:
+            return
+        logger.warning("%s; its producing stage will write it again", one_line(error))
+        self.write_json(relative + CORRUPT_MARKER_SUFFIX, {"version": version, "error": one_line(error)})
+
+    # -- leftovers -----------------------------------------------------------------------------
     def leftovers(self, relative_folder: str, older_than: float = LEFTOVER_AGE_SECONDS) -> list[str]:
-        """Files that writers killed mid-write left below a folder of a local store (and in the local
-        temporary folder), once they are `older_than` seconds old (younger ones may be being written)."""
-        candidates = []
-        if self.is_local:
-            for folder, _, names in os.walk(self.path(relative_folder)):
-                candidates += [os.path.join(folder, name) for name in names if name.startswith(LEFTOVER_PREFIX)]
-        candidates += [entry.path for entry in os.scandir(tempfile.gettempdir())
-                       if entry.name.startswith(LOCAL_TEMP_PREFIXES)]
+        """Files that writers killed mid-write left below a folder of the store and, of this user's own,
+        in the local temporary folder, once they are `older_than` seconds old (younger ones may be being
+        written)."""
+        candidates = self._staged_leftovers(relative_folder)
+        with contextlib.suppress(OSError):
+            candidates += [entry.path for entry in os.scandir(tempfile.gettempdir())
+                           if entry.name.startswith(LOCAL_TEMP_PREFIXES) and _owned(entry)]
         now = time.time()
         found = []
         for path in candidates:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 if os.path.isfile(path) and now - os.stat(path).st_mtime >= older_than:
                     found.append(path)
         return found
 
+    def _staged_leftovers(self, relative_folder: str) -> list[str]:
+        return []
+
     def remove_leftovers(self, relative_folder: str, older_than: float = LEFTOVER_AGE_SECONDS) -> list[str]:
-        """Delete `leftovers(relative_folder, older_than)`; return what was removed."""
+        """Delete `leftovers(relative_folder, older_than)`; return what was removed. A file that cannot
+        be removed (another user's) is logged and left: cleaning up never fails a stage."""
         removed = []
         for path in self.leftovers(relative_folder, older_than):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.remove(path)
-                removed.append(path)
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                logger.warning("cannot remove leftover %s: %s", path, one_line(error))
+                continue
+            removed.append(path)
         return removed
 
-    def walk(self, relative_folder: str) -> dict[str, "Listed"]:
-        """Every file below a folder (relative path → listing entry), leftovers aside; paged listings."""
-        try:
-            infos = self.fs.find(self.path(relative_folder), detail=True)
-        except FileNotFoundError:
-            return {}
-        root = self.path("")
-        return {
-            path.removeprefix(root): Listed(int(info["size"]), None if self.is_local else _summary(info), _modified(info))
-            for path, info in infos.items()
-            if not path.rsplit("/", 1)[-1].startswith(LEFTOVER_PREFIX)
-        }
-
+    # -- files ---------------------------------------------------------------------------------
     def copy(self, source: str, destination: str) -> str:
         """Copy a file within the store, atomically (an object store copies it server side, summary included)."""
-        if self.is_local:
-            with self._staged_file(destination, {}) as staged:
-                shutil.copyfile(self.path(source), staged)
-        else:
-            self.fs.cp_file(self.path(source), self.path(destination))
-        return self.uri_of(destination)
+        raise NotImplementedError
 
     def remove(self, relative: str) -> None:
         """Delete one file (`stagediff verify --repair`, `stagediff gc`: no stage deletes an artifact)."""
         self.fs.rm_file(self.path(relative))
 
-    # -- bytes ---------------------------------------------------------------------------------
     def write_bytes(self, relative: str, data: bytes, summary: Mapping[str, str] | None = None) -> str:
         """Write atomically (see `_staged_file`), with `summary` in the object metadata on object stores."""
         with self._staged_file(relative, summary or {}) as staged:
@@ -244,37 +256,180 @@ class Store:
                 file.write(data)
         return self.uri_of(relative)
 
-    @contextlib.contextmanager
-    def _staged_file(self, relative: str, summary: Mapping[str, str]) -> Iterator[str]:
+    def _staged_file(self, relative: str, summary: Mapping[str, str]):
         """A local file to write; on success it becomes the artifact at once, so readers never see half
-        a file. Local stores rename it into place; object stores upload it in one request, and an
-        object exists only once its upload completes. Concurrent writers of one key each publish a
-        whole, valid artifact (same key, same content), and the last one stays."""
+        a file. Concurrent writers of one key each publish a whole, valid artifact (same key, same
+        content), and the last one stays."""
+        raise NotImplementedError
+
+    def _local_copy(self, relative: str):
+        """A local path holding the artifact: the file itself, or a streamed download."""
+        raise NotImplementedError
+
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self.path(relative))
+
+    def write_json(self, relative: str, value) -> str:
+        return self.write_bytes(relative, json.dumps(value, indent=2).encode())
+
+
+class LocalStore(Store):
+    """A folder on a local (or mounted) disk: files are staged beside their final name and renamed
+    into place; what a writer recorded is read from each file's header."""
+
+    is_local = True
+
+    def __init__(self, uri: str):
+        super().__init__(uri)
+        self.fs = fsspec.filesystem("file")
+        self.root = os.path.abspath(os.path.expanduser(uri)).rstrip("/") or "/"
+
+    def list_folder(self, relative_folder):
+        try:
+            entries = list(os.scandir(self.path(relative_folder)))
+        except FileNotFoundError:
+            return {}
+        listed = {}
+        for entry in entries:
+            if entry.name.startswith(LEFTOVER_PREFIX):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file():
+                    listed[entry.name] = _listed_file(entry.stat())
+        return listed
+
+    def walk(self, relative_folder):
+        top = self.path(relative_folder)
+        found = {}
+        prefix = self.path("")
+        for folder, _, names in os.walk(top):
+            for name in names:
+                if name.startswith(LEFTOVER_PREFIX):
+                    continue
+                full = os.path.join(folder, name)
+                with contextlib.suppress(FileNotFoundError):
+                    found[full.removeprefix(prefix)] = _listed_file(os.stat(full))
+        return found
+
+    def recorded(self, relative, listed):
+        full = self.path(relative)
+        if relative.endswith(".safetensors"):
+            metadata = read_safetensors_header(full)
+            return {"key": metadata.get(KEY_METADATA), "checksum": metadata.get(CHECKSUM_METADATA)}
+        from stagediff.containers import IncompleteFile, file_reader, mp4_metadata, png_metadata
+
+        read_metadata = png_metadata if relative.endswith(".png") else mp4_metadata
+        try:
+            with open(full, "rb") as file:
+                metadata = read_metadata(file_reader(file), listed.size)
+        except (IncompleteFile, ValueError) as error:
+            raise CorruptArtifact(f"corrupt artifact {full}: {one_line(error)}") from None
+        # The media's own names (`latents_checksum`) as summaries spell them (`latents-checksum`).
+        return {name.replace("_", "-"): value for name, value in metadata.items() if isinstance(value, str)}
+
+    def _staged_leftovers(self, relative_folder):
+        return [os.path.join(folder, name) for folder, _, names in os.walk(self.path(relative_folder))
+                for name in names if name.startswith(LEFTOVER_PREFIX)]
+
+    def copy(self, source, destination):
+        with self._staged_file(destination, {}) as staged:
+            shutil.copyfile(self.path(source), staged)
+        return self.uri_of(destination)
+
+    @contextlib.contextmanager
+    def _staged_file(self, relative, summary):
         final = self.path(relative)
         parent, name = final.rsplit("/", 1)
-        if self.is_local:
-            os.makedirs(parent, exist_ok=True)
-            staged = f"{parent}/{LEFTOVER_PREFIX}{uuid.uuid4().hex}-{name}"
-        else:
-            handle, staged = tempfile.mkstemp(prefix=LOCAL_TEMP_PREFIXES[0], suffix=f"-{name}")
-            os.close(handle)
+        os.makedirs(parent, exist_ok=True)
+        staged = f"{parent}/{LEFTOVER_PREFIX}{uuid.uuid4().hex}-{name}"
         try:
             yield staged
-            if self.is_local:
-                self.fs.mv(staged, final)
-            else:
-                recorded = {**summary, "bytes": str(os.path.getsize(staged))}
-                self.fs.put_file(staged, final, metadata={SUMMARY_PREFIX + k: v for k, v in recorded.items()})
+            self.fs.mv(staged, final)
         finally:
             if os.path.exists(staged):
                 os.remove(staged)
 
     @contextlib.contextmanager
-    def _local_copy(self, relative: str) -> Iterator[str]:
-        """A local path holding the artifact: the file itself, or a streamed download."""
-        if self.is_local:
-            yield self.path(relative)
-            return
+    def _local_copy(self, relative):
+        yield self.path(relative)
+
+
+class ObjectStore(Store):
+    """A bucket prefix (`gs://bucket/prefix`, or any fsspec filesystem given with `on`): each file is
+    uploaded whole in one request, with a summary of what it holds in its object metadata, so that a
+    listing alone tells a complete artifact from a missing or foreign one."""
+
+    is_local = False
+
+    def __init__(self, uri: str):
+        super().__init__(uri)
+        from stagediff import gcs
+
+        self.fs, self.root, self.protocol = gcs.filesystem(), uri.removeprefix("gs://").rstrip("/"), "gs"
+
+    @classmethod
+    def on(cls, fs, root: str, protocol: str) -> "ObjectStore":
+        """An object store on a filesystem of the caller's choosing (tests: a flaky network)."""
+        store = object.__new__(cls)
+        Store.__init__(store, f"{protocol}://{root}")
+        store.fs, store.root, store.protocol = fs, root.rstrip("/"), protocol
+        return store
+
+    def uri_of(self, relative):
+        return f"{self.protocol}://{self.path(relative)}"
+
+    def check_writable(self):
+        bucket = self.root.split("/", 1)[0]
+        try:
+            found = self.fs.exists(bucket)
+        except Exception as error:
+            raise StagediffError(f"store {self.uri}: cannot reach bucket {bucket!r}: {one_line(error)}") from None
+        if not found:
+            raise StagediffError(f"store {self.uri}: bucket {bucket!r} does not exist or is not visible to these credentials")
+        super().check_writable()
+
+    def list_folder(self, relative_folder):
+        try:
+            infos = self.fs.ls(self.path(relative_folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {info["name"].rsplit("/", 1)[-1]: _listed_object(info)
+                for info in infos if info.get("type") == "file"}
+
+    def walk(self, relative_folder):
+        try:
+            infos = self.fs.find(self.path(relative_folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        root = self.path("")
+        return {path.removeprefix(root): _listed_object(info) for path, info in infos.items()
+                if not path.rsplit("/", 1)[-1].startswith(LEFTOVER_PREFIX)}
+
+    def recorded(self, relative, listed):
+        if not listed.summary:
+            raise CorruptArtifact(f"artifact {self.uri_of(relative)} carries no summary of its own size")
+        return dict(listed.summary)
+
+    def copy(self, source, destination):
+        self.fs.cp_file(self.path(source), self.path(destination))
+        return self.uri_of(destination)
+
+    @contextlib.contextmanager
+    def _staged_file(self, relative, summary):
+        name = relative.rsplit("/", 1)[-1]
+        handle, staged = tempfile.mkstemp(prefix=LOCAL_TEMP_PREFIXES[0], suffix=f"-{name}")
+        os.close(handle)
+        try:
+            yield staged
+            recorded = {**summary, "bytes": str(os.path.getsize(staged))}
+            self.fs.put_file(staged, self.path(relative),
+                             metadata={SUMMARY_PREFIX + k: v for k, v in recorded.items()})
+        finally:
+            if os.path.exists(staged):
+                os.remove(staged)
+
+    @contextlib.contextmanager
+    def _local_copy(self, relative):
         handle, local = tempfile.mkstemp(prefix=LOCAL_TEMP_PREFIXES[1], suffix="-" + relative.rsplit("/", 1)[-1])
         os.close(handle)
         try:
@@ -283,11 +438,42 @@ class Store:
         finally:
             os.remove(local)
 
-    def read_bytes(self, relative: str) -> bytes:
-        return self.fs.cat_file(self.path(relative))
 
-    def write_json(self, relative: str, value) -> str:
-        return self.write_bytes(relative, json.dumps(value, indent=2).encode())
+def quarantined_version(store: Store, relative: str) -> str | None:
+    """The version of `relative` that `Store.mark_corrupt` noted (FileNotFoundError without a note)."""
+    try:
+        return json.loads(store.read_bytes(relative + CORRUPT_MARKER_SUFFIX)).get("version")
+    except ValueError:
+        return None
+
+
+def check_store_uri(uri: str) -> None:
+    """A store is a plain local path or a `gs://bucket/prefix` without `.`/`..` segments; any other
+    scheme (`file://`, `gcs://`, `memory://`, chained URLs) is refused with one line."""
+    check_scheme("--store", uri)
+    if uri.startswith("gs://"):
+        segments = uri.removeprefix("gs://").split("/")
+        if not segments[0] or any(segment in (".", "..") for segment in segments):
+            raise StagediffError(f"--store {uri}: a gs:// store is gs://bucket/prefix, without '.' or '..' segments")
+
+
+def _owned(entry: os.DirEntry) -> bool:
+    """A file of the shared temporary folder that this user wrote (others' are theirs to clean)."""
+    try:
+        return entry.stat(follow_symlinks=False).st_uid == os.getuid()
+    except OSError:
+        return False
+
+
+def _listed_file(stat: os.stat_result) -> "Listed":
+    version = f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}:{stat.st_dev}"
+    return Listed(stat.st_size, None, stat.st_mtime, version)
+
+
+def _listed_object(info: dict) -> "Listed":
+    version = info.get("generation") or info.get("md5Hash") or info.get("crc32c") or info.get("etag")
+    return Listed(int(info["size"]), _summary(info), _modified(info),
+                  f"{info['size']}:{version}" if version is not None else None)
 
 
 @dataclass(frozen=True)
@@ -299,7 +485,10 @@ class Listed:
     """What its writer recorded (object stores; empty when absent or for another size); None on local
     stores, whose files hold it in their headers."""
     modified: float | None = None
-    """Seconds since the epoch (for `walk`)."""
+    """Seconds since the epoch."""
+    version: str | None = None
+    """Changes whenever the file is written again (local: size, mtime, ctime, inode, device; objects:
+    their generation): what a contact sheet or a recheck compares. None when the listing has none."""
 
 
 @dataclass(frozen=True)

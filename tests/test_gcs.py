@@ -152,3 +152,78 @@ def test_cli_generate_with_a_gs_store(tiny_sdxl, emulator, tmp_path):
     assert process.returncode == 0, process.stderr[-2000:]
     manifest = json.loads(gcs.filesystem().cat_file(f"{BUCKET}/cli/runs/cli/manifest.json"))
     assert [item["media"].startswith(f"{uri}/media/") for item in manifest["items"]] == [True, True]
+
+
+def test_a_gs_model_mirror_follows_the_bucket_and_two_histories_give_the_same_keys(tiny_sdxl, emulator, tmp_path,
+                                                                                    monkeypatch):
+    """A file removed from the bucket is removed from the mirror: a machine that mirrored the folder
+    while it held the file and one that mirrors it now plan the same keys."""
+    fs = gcs.filesystem()
+    remote = f"{BUCKET}/models/following"
+    fs.put(str(tiny_sdxl), remote, recursive=True)
+    fs.pipe_file(f"{remote}/unet/extra-notes.json", b'{"removed": "later"}')
+    uri = f"gs://{remote}"
+
+    monkeypatch.setenv(gcs.MODEL_CACHE_VARIABLE, str(tmp_path / "machine-a"))
+    old = gcs.mirror_folder(uri)
+    assert (old.folder / "unet/extra-notes.json").exists()
+    fs.rm_file(f"{remote}/unet/extra-notes.json")
+    request = Request(model=uri, prompts=["a cat"], seeds=[0], steps=2, store=str(tmp_path / "store"))
+    followed = gcs.mirror_folder(uri)
+    assert not (followed.folder / "unet/extra-notes.json").exists()
+    assert "unet/extra-notes.json" not in json.loads((followed.folder / gcs.MIRROR_INDEX).read_text())
+    keys_a = [item.latents_key for item in make_plan(request).items]
+
+    monkeypatch.setenv(gcs.MODEL_CACHE_VARIABLE, str(tmp_path / "machine-b"))
+    keys_b = [item.latents_key for item in make_plan(request).items]
+    assert keys_a == keys_b
+
+
+def test_a_mirror_index_left_half_written_is_no_failure(tiny_sdxl, emulator, tmp_path, monkeypatch):
+    """The index is replaced atomically; one a killed process left torn (older versions wrote it in place)
+    makes the next mirror compare every file again instead of failing."""
+    monkeypatch.setenv(gcs.MODEL_CACHE_VARIABLE, str(tmp_path / "cache"))
+    fs = gcs.filesystem()
+    fs.put(str(tiny_sdxl), f"{BUCKET}/models/torn-index", recursive=True)
+    uri = f"gs://{BUCKET}/models/torn-index"
+    mirror = gcs.mirror_folder(uri)
+    index = mirror.folder / gcs.MIRROR_INDEX
+    index.write_text(index.read_text()[:40])
+    assert gcs.mirror_folder(uri).downloaded > 0
+    json.loads(index.read_text())
+    assert [p.name for p in mirror.folder.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_a_half_finished_chunk_on_a_bucket_downloads_only_what_it_consumes(tiny_sdxl, emulator, store_uri, monkeypatch):
+    """Decode with one media file missing: the stages decide from listings (the inventory), so the run
+    downloads that item's latents and nothing of the finished items."""
+    request = Request(model=str(tiny_sdxl), prompts=["a cat"], seeds=[0, 1, 2], steps=2, store=store_uri)
+    run_all_stages(request)
+    plan = make_plan(request)
+    missing = plan.items[1]
+    gcs.filesystem().rm_file(plan.store.path(missing.media_path))
+    proxy = FaultyProxy(emulator.port, failures=0)
+    monkeypatch.setenv(gcs.EMULATOR_VARIABLE, proxy.url)
+    try:
+        results = run_all_stages(request)
+    finally:
+        proxy.stop()
+    assert {stage: result.computed for stage, result in results.items()} == {"encode": 0, "denoise": 0, "decode": 1}
+    downloads = [path for method, path, _ in proxy.log if method == "GET" and "alt=media" in path]
+    assert len(downloads) == 1 and missing.latents_key in downloads[0], downloads
+
+
+def test_gc_on_a_bucket_keeps_what_an_unfinished_run_declares(tiny_sdxl, emulator, store_uri, capsys):
+    from stagediff.cli import main
+    from stagediff.run_records import declared_run, plan_paths
+
+    request = Request(model=str(tiny_sdxl), prompts=["a cat"], seeds=[0], steps=2, store=store_uri)
+    plan = make_plan(request)
+    with declared_run(plan.store, "unfinished", plan_paths(plan)):
+        run_all_stages(request)
+    stray = Request(model=str(tiny_sdxl), prompts=["a dog"], seeds=[0], steps=2, store=store_uri)
+    run_all_stages(stray)  # declared by no run
+    assert main(["gc", store_uri, "--unreferenced", "--older-than", "0", "--delete"]) == 0
+    fs = gcs.filesystem()
+    assert all(fs.exists(plan.store.path(path)) for path in plan_paths(plan))
+    assert not any(fs.exists(plan.store.path(path)) for path in plan_paths(make_plan(stray)))

@@ -3,12 +3,14 @@ Hugging Face blob hashes; safetensors only; model loads are safe in several thre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,131 @@ def test_each_stage_fetches_only_its_own_components_from_the_hub(tiny_sdxl, tmp_
     assert all(path.endswith(".json") for path in fetched["encode"] if "/" in path and path.split("/")[0] in ("unet", "vae"))
     assert not any(path.endswith(".bin") for paths in fetched.values() for path in paths)
     assert len(list((tmp_path / "store/media").glob("*.png"))) == 1
+
+
+def test_a_same_size_same_mtime_rewrite_is_hashed_again(tmp_path, monkeypatch):
+    """`cp -p` of other bytes, or a rewrite followed by `os.utime`: size, mtime and inode stay; the
+    ctime moves, as git's index notices."""
+    monkeypatch.setenv(fingerprints.CACHE_VARIABLE, str(tmp_path / "digests"))
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"a" * 4096)
+    stat = path.stat()
+    first = fingerprints.file_digest(path)
+    time.sleep(0.01)
+    with open(path, "r+b") as file:  # in place: the same inode
+        file.write(b"b" * 4096)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino) == (
+        stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    assert fingerprints.file_digest(path) != first
+
+
+def test_links_into_a_hub_cache_from_elsewhere_claim_no_blob_identity(tmp_path, monkeypatch):
+    """A folder of links into another model's blobs is hashed, not named by those blobs; the cache's
+    own snapshot links are."""
+    monkeypatch.setenv(fingerprints.CACHE_VARIABLE, str(tmp_path / "digests"))
+    repo = tmp_path / "hub" / "models--org--real"
+    blob = repo / "blobs" / ("a" * 64)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"not what the name says")
+    inside = repo / "snapshots" / ("0" * 40) / "unet" / "w.safetensors"
+    inside.parent.mkdir(parents=True)
+    inside.symlink_to(blob)
+    elsewhere = tmp_path / "my-model" / "unet" / "w.safetensors"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.symlink_to(blob)
+    other_repo = tmp_path / "hub" / "models--org--other" / "snapshots" / ("1" * 40) / "w.safetensors"
+    other_repo.parent.mkdir(parents=True)
+    other_repo.symlink_to(blob)
+    assert fingerprints.file_digest(inside) == "hf:" + "a" * 64
+    hashed = "sha256:" + hashlib.sha256(b"not what the name says").hexdigest()
+    assert fingerprints.file_digest(elsewhere) == hashed
+    assert fingerprints.file_digest(other_repo) == hashed
+
+
+class _RefusingHub:
+    """A Hub that answers every request with 429 Too Many Requests."""
+
+    def __init__(self):
+        import http.server
+
+        from gcs_emulator import free_port
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _refuse(self):
+                self.send_response(429)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD = _refuse
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _hub_env(tmp_path, endpoint):
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "HF_ENDPOINT": endpoint,
+            "HF_HOME": str(tmp_path / "hf"), fingerprints.CACHE_VARIABLE: str(tmp_path / "digests"),
+            "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+
+
+def _plan_in_process(env, model, store):
+    """`stagediff status` in a fresh process (the Hub's endpoint is read when huggingface_hub is imported)."""
+    return subprocess.run([sys.executable, "-m", "stagediff.cli", "status", "--model", model, "--prompt", "a red cat",
+                           "--seed", "0", "--steps", "2", "--store", str(store)], capture_output=True, text=True, env=env)
+
+
+def test_a_hub_model_is_planned_at_one_commit_that_every_stage_receives(tiny_sdxl, tmp_path):
+    """`org/name` is resolved once, when planned: the plan's request (what units and remote workers get)
+    names `org/name@<commit>`, the manifest records it, and the pinned request plans the same keys."""
+    from hub_emulator import COMMIT
+
+    hub = HubEmulator({"org/tiny-sdxl": tiny_sdxl})
+    script = (
+        "import json, sys\n"
+        "from stagediff.plan import make_plan\nfrom stagediff.request import Request\n"
+        "from stagediff.manifest import manifest_of\n"
+        "plan = make_plan(Request(model=sys.argv[1], prompts=['a red cat'], seeds=[0], steps=2, store=sys.argv[2]))\n"
+        "print(json.dumps([plan.request.model, manifest_of(plan)['model'], [i.latents_key for i in plan.items]]))\n"
+    )
+    env = _hub_env(tmp_path, hub.url)
+    try:
+        answers = [json.loads(subprocess.run([sys.executable, "-c", script, model, str(tmp_path / "store")],
+                                             capture_output=True, text=True, env=env, check=True).stdout)
+                   for model in ("org/tiny-sdxl", f"org/tiny-sdxl@{COMMIT}")]
+    finally:
+        hub.stop()
+    pinned = f"org/tiny-sdxl@{COMMIT}"
+    assert answers[0][:2] == [pinned, pinned] and answers[1][:2] == [pinned, pinned]
+    assert answers[0][2] == answers[1][2]
+
+
+def test_a_hub_that_refuses_requests_fails_planning_with_one_line(tiny_sdxl, tmp_path):
+    """Before: the listing fell back silently to whatever files the local cache held. Now a Hub that
+    answers 429 is a one-line error, even with the model's configs cached from an earlier run."""
+    hub = HubEmulator({"org/tiny-sdxl": tiny_sdxl})
+    try:
+        assert _plan_in_process(_hub_env(tmp_path, hub.url), "org/tiny-sdxl", tmp_path / "store").returncode == 0
+    finally:
+        hub.stop()
+    shutil.rmtree(tmp_path / "digests")  # the commit's listing is not cached on this machine
+    refusing = _RefusingHub()
+    try:
+        process = _plan_in_process(_hub_env(tmp_path, refusing.url), "org/tiny-sdxl", tmp_path / "store")
+    finally:
+        refusing.stop()
+    assert process.returncode == 2, process.stdout + process.stderr[-2000:]
+    # (huggingface_hub logs its own retries of the 429 before giving up.)
+    errors = [line for line in process.stderr.splitlines() if line.startswith("stagediff: error:")]
+    assert len(errors) == 1 and process.stderr.strip().endswith(errors[0]), process.stderr[-2000:]
+    assert "org/tiny-sdxl" in errors[0] and "Hugging Face Hub" in errors[0] and "429" in errors[0], errors

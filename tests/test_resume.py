@@ -6,8 +6,13 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import run_all_stages, snapshot
 from stagediff import stages
+from stagediff.cli import main
+from stagediff.errors import CorruptInput
+from stagediff.inventory import plan_state
 from stagediff.plan import make_plan
 from stagediff.request import Request
 
@@ -108,3 +113,82 @@ def test_a_run_that_writes_removes_what_killed_writers_left(tiny_sdxl, tmp_path)
     run_all_stages(request)
     assert not leftover.exists()
     assert [p.name for p in leftover.parent.iterdir()] == [Path(item.latents_path).name]
+
+
+def _garble_body(path: Path) -> None:
+    """Flip the last bytes of a safetensors file: its header (what planning reads) stays intact."""
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_latents_body_without_media_is_recomputed_not_a_decode_that_fails_forever(tiny_sdxl, tmp_path):
+    """Planning trusts the intact header and schedules only decode; decode finds the body corrupt, notes
+    it (deleting nothing), and the run has denoise write the latents again, then decodes them."""
+    args = ["generate", "--model", str(tiny_sdxl), "--prompt", "a red cat", "--seeds", "0", "--steps", "2",
+            "--store", str(tmp_path), "--run-name", "r"]
+    assert main(args) == 0
+    plan = make_plan(_request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",)))
+    item = plan.items[0]
+    latents, media = Path(tmp_path, item.latents_path), Path(tmp_path, item.media_path)
+    _garble_body(latents)
+    garbled = latents.read_bytes()
+    media.unlink()
+    assert plan_state(plan).missing_stages == ["decode"]  # the header is all planning reads
+
+    assert main(args) == 0
+    assert latents.read_bytes() != garbled and media.exists()
+    plan.store.read_tensors(item.latents_path, item.latents_key)  # whole again
+    assert main(args) == 0  # and the next run finds everything done
+
+
+def test_a_decode_stage_alone_on_corrupt_latents_fails_once_and_denoise_then_rewrites_them(tiny_sdxl, tmp_path):
+    request = _request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",))
+    run_all_stages(request)
+    plan = make_plan(request)
+    item = plan.items[0]
+    _garble_body(Path(tmp_path, item.latents_path))
+    Path(tmp_path, item.media_path).unlink()
+    with pytest.raises(CorruptInput, match="corrupt"):
+        stages.decode(plan)
+    assert Path(tmp_path, item.latents_path).exists()  # decode deletes nothing
+    assert computed(run_all_stages(request)) == {"encode": 0, "denoise": 1, "decode": 1}
+
+
+def test_corrupt_embeddings_body_read_by_denoise_is_encoded_again(tiny_sdxl, tmp_path):
+    args = ["generate", "--model", str(tiny_sdxl), "--prompt", "a red cat", "--seeds", "0", "--steps", "2",
+            "--store", str(tmp_path), "--run-name", "r"]
+    assert main(args) == 0
+    plan = make_plan(_request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",)))
+    item = plan.items[0]
+    embeddings = Path(tmp_path, item.embedding.path)
+    _garble_body(embeddings)
+    garbled = embeddings.read_bytes()
+    Path(tmp_path, item.latents_path).unlink()
+    Path(tmp_path, item.media_path).unlink()
+    assert main(args) == 0
+    assert embeddings.read_bytes() != garbled and Path(tmp_path, item.media_path).exists()
+    plan.store.read_tensors(item.embedding.path, item.embedding.key)
+
+
+def test_a_worker_whose_corrupt_input_reaches_the_run_as_another_failure_is_scheduled_again(tiny_sdxl, tmp_path):
+    """Through Prefect a stage's failure arrives as "stage run ended Failed": the note the stage left in
+    the store is what the run goes by."""
+    from stagediff.scheduler import BatchRun, LocalExecutor
+
+    request = _request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",))
+    run_all_stages(request)
+    plan = make_plan(request)
+    item = plan.items[0]
+    _garble_body(Path(tmp_path, item.latents_path))
+    Path(tmp_path, item.media_path).unlink()
+
+    def remote_worker(unit):
+        try:
+            return stages.run_stage(unit.stage, plan, unit.keys)
+        except Exception as error:
+            raise RuntimeError(f"{unit.stage} run ended Failed: {error}") from None
+
+    BatchRun(plan, LocalExecutor(remote_worker, overlap=False), "remote").run()
+    plan.store.read_tensors(item.latents_path, item.latents_key)
+    assert Path(tmp_path, item.media_path).exists()
