@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from stagediff.errors import StagediffError
 
 
 def resolve_backend(requested: str) -> str:

@@ -8,7 +8,7 @@ import sys
 import warnings
 
 from stagediff.confinement import check_location, check_run_name
-from stagediff.errors import StagediffError, one_line
+from stagediff.errors import StagediffError
 from stagediff.options import GENERATION_OPTIONS, RUN_OPTIONS, request_from_options
 
 STAGE_COMMANDS = ("encode", "denoise", "decode", "score")
@@ -277,24 +277,12 @@ def _gc(args) -> int:
 
 
 def _contact_sheet(args) -> int:
-    import json
-
-    from stagediff.contact_sheet import SheetRun, contact_sheet_png
+    from stagediff.contact_sheet import contact_sheet_png
     from stagediff.gcs import read_location
+    from stagediff.manifest import read_run_manifest
 
     check_location("--output", args.output)
-    runs = []
-    for location in args.manifests:
-        check_location("MANIFEST", location)
-        try:
-            manifest = json.loads(read_location(location))
-            manifest["items"]
-        except FileNotFoundError:
-            raise StagediffError(f"manifest {location}: no such file") from None
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise StagediffError(f"manifest {location}: not a run manifest ({one_line(error)})") from None
-        parts = location.rstrip("/").split("/")
-        runs.append(SheetRun(parts[-2] if len(parts) > 1 and parts[-1] == "manifest.json" else parts[-1], manifest))
+    runs = [read_run_manifest(location) for location in args.manifests]
     data = contact_sheet_png(runs, read_location)
     with open(args.output, "wb") as file:
         file.write(data)
@@ -303,10 +291,11 @@ def _contact_sheet(args) -> int:
 
 
 def _compare(args) -> int:
-    from stagediff.compare import compare_runs, read_manifest
+    from stagediff.compare import compare_runs
+    from stagediff.manifest import read_run_manifest
 
     check_location("--output", args.output)
-    first, second = (read_manifest(location) for location in args.manifests)
+    first, second = (read_run_manifest(location, "RUN") for location in args.manifests)
     report = compare_runs(first, second, args.scorer)
     print(report.text())
     with open(args.output, "wb") as file:

@@ -3,41 +3,18 @@ and a chart of score against the swept value with one line per run. Reads manife
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from stagediff.charts import line_chart_png
-from stagediff.errors import StagediffError, one_line
+from stagediff.errors import StagediffError
+from stagediff.manifest import RunManifest
 from stagediff.scoring import summarize
-
-
-@dataclass(frozen=True)
-class ScoredRun:
-    title: str
-    manifest: dict
-
-
-def read_manifest(location: str) -> ScoredRun:
-    """A run's manifest (local or gs://), titled by its run name; one-line errors."""
-    from stagediff.confinement import check_location
-    from stagediff.gcs import read_location
-
-    check_location("RUN", location)
-    try:
-        manifest = json.loads(read_location(location))
-        manifest["items"]
-    except FileNotFoundError:
-        raise StagediffError(f"manifest {location}: no such file") from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise StagediffError(f"manifest {location}: not a run manifest ({one_line(error)})") from None
-    parts = location.rstrip("/").split("/")
-    return ScoredRun(parts[-2] if len(parts) > 1 and parts[-1] == "manifest.json" else parts[-1], manifest)
 
 
 @dataclass(frozen=True)
 class Comparison:
     scorer: str
-    runs: tuple[ScoredRun, ScoredRun]
+    runs: tuple[RunManifest, RunManifest]
     points: list[dict]
     """Per grid point (by its swept values): label, values, mean of each run (None: not in that run), difference."""
     prompts: list[dict]
@@ -69,7 +46,7 @@ class Comparison:
                               x_ticks=ticks)
 
 
-def compare_runs(first: ScoredRun, second: ScoredRun, scorer: str | None = None) -> Comparison:
+def compare_runs(first: RunManifest, second: RunManifest, scorer: str | None = None) -> Comparison:
     """The per-setting and per-prompt differences of two runs' scores (one scorer)."""
     summaries = [summarize(run.manifest) for run in (first, second)]
     shared = [name for name in summaries[0] if name in summaries[1]]

@@ -18,7 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from stagediff.containers import METADATA_KEYWORD
 from stagediff.errors import CorruptArtifact
 from stagediff.loras import lora_name
-from stagediff.manifest import artifact_path
+from stagediff.manifest import RunManifest, artifact_path
 from stagediff.media import middle_frame
 from stagediff.store import Store, content_key
 
@@ -43,14 +43,6 @@ SIZE_PROBES = 8
 READERS = 8
 """Media files read at once (an object store answers each read in tens of milliseconds)."""
 BACKGROUND, INK, MISSING = (255, 255, 255), (20, 20, 20), (225, 225, 225)
-
-
-@dataclass(frozen=True)
-class SheetRun:
-    """One run on a sheet: its title (the run name) and its manifest."""
-
-    title: str
-    manifest: dict
 
 
 @dataclass(frozen=True)
@@ -100,7 +92,7 @@ class Layout:
         return width, self.row_y(len(self.rows))
 
 
-def sheet_layout(runs: Sequence[SheetRun], image_size: tuple[int, int]) -> Layout:
+def sheet_layout(runs: Sequence[RunManifest], image_size: tuple[int, int]) -> Layout:
     """The rows (every run's prompts, in order), the columns (each run's distinct seeds and swept values)
     and the media of each cell; images of `image_size` (width, height) scaled to fit the cells."""
     rows: dict[tuple[str, str | None], int] = {}
@@ -142,7 +134,7 @@ def sheet_layout(runs: Sequence[SheetRun], image_size: tuple[int, int]) -> Layou
     )
 
 
-def render_contact_sheet(runs: Sequence[SheetRun], read: Callable[[str], bytes]) -> Image.Image:
+def render_contact_sheet(runs: Sequence[RunManifest], read: Callable[[str], bytes]) -> Image.Image:
     """The sheet of `runs`, reading each media URI with `read`."""
     uris = [item["media"] for run in runs for item in run.manifest["items"]]
     first = next((image for image in (_image(read, uri) for uri in uris[:SIZE_PROBES]) if image is not None), None)
@@ -184,7 +176,7 @@ def render_contact_sheet(runs: Sequence[SheetRun], read: Callable[[str], bytes])
     return sheet
 
 
-def contact_sheet_png(runs: Sequence[SheetRun], read: Callable[[str], bytes], key: str | None = None) -> bytes:
+def contact_sheet_png(runs: Sequence[RunManifest], read: Callable[[str], bytes], key: str | None = None) -> bytes:
     """The sheet as PNG bytes; `key` (what it shows) goes into its stagediff metadata chunk."""
     info = PngInfo()
     if key is not None:
@@ -199,7 +191,7 @@ def write_contact_sheet(store: Store, run_name: str, manifest: dict) -> str:
     sheet of the same items showing the same media files (a rerun that found everything done) is copied
     from the run that drew it, found from listings: only new sheets, or sheets whose media were written
     again since, read media."""
-    runs = [SheetRun(manifest["model"], manifest)]
+    runs = [RunManifest(manifest["model"], manifest)]
     media = [artifact_path(item["media"]) for item in manifest["items"]]
     listed: dict[str, dict] = {}
     for folder in sorted({path.rsplit("/", 1)[0] for path in media}):
@@ -252,7 +244,7 @@ def _image(read: Callable[[str], bytes], uri: str) -> Image.Image | None:
         return None
 
 
-def _title(runs: Sequence[SheetRun], layout: Layout) -> str:
+def _title(runs: Sequence[RunManifest], layout: Layout) -> str:
     titles = [run.title for run in runs]
     models = [model for model in dict.fromkeys(run.manifest.get("model", "") for run in runs) if model not in titles]
     title = " | ".join(titles) + (" · " + ", ".join(models) if models else "")

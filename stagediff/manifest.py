@@ -6,9 +6,11 @@ import dataclasses
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from stagediff.confinement import check_location, check_run_name
+from stagediff.errors import StagediffError, one_line
 from stagediff.families import Settings
 from stagediff.plan import Plan
 
@@ -93,3 +95,28 @@ def write_manifest(plan: Plan, run_name: str, copy_to: str | None = None) -> str
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(document, indent=2))
     return uri
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """A run's manifest and its title (the run name)."""
+
+    title: str
+    manifest: dict
+
+
+def read_run_manifest(location: str, option: str = "MANIFEST") -> RunManifest:
+    """A run's manifest (local or gs://), titled by its run name (the folder of a `manifest.json`); one-line
+    errors for a missing file or one that is no run manifest."""
+    from stagediff.gcs import read_location
+
+    check_location(option, location)
+    try:
+        manifest = json.loads(read_location(location))
+        manifest["items"]
+    except FileNotFoundError:
+        raise StagediffError(f"manifest {location}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise StagediffError(f"manifest {location}: not a run manifest ({one_line(error)})") from None
+    parts = location.rstrip("/").split("/")
+    return RunManifest(parts[-2] if len(parts) > 1 and parts[-1] == "manifest.json" else parts[-1], manifest)

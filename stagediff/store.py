@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import fsspec
 from safetensors import SafetensorError
@@ -33,6 +34,9 @@ from safetensors import SafetensorError
 from stagediff import __version__
 from stagediff.confinement import check_scheme
 from stagediff.errors import CorruptArtifact, StagediffError, one_line
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from stagediff.errors import StagediffError
 from stagediff.models import open_model
 from stagediff.plan import make_plan
 from stagediff.request import Request
-from stagediff.store import Store, content_key
+from stagediff.store import Store
 
 
 

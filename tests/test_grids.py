@@ -13,7 +13,8 @@ from PIL import Image
 from helpers import run_all_stages, snapshot, stored_item
 from reference import relative_error
 from stagediff.cli import build_parser, main
-from stagediff.contact_sheet import SheetRun, render_contact_sheet, sheet_layout
+from stagediff.contact_sheet import render_contact_sheet, sheet_layout
+from stagediff.manifest import RunManifest
 from stagediff.media import mp4_bytes, read_png_metadata
 from stagediff.options import request_from_options
 from stagediff.plan import make_plan
@@ -52,7 +53,7 @@ def test_a_grid_of_prompts_seeds_and_scales_renders_every_item_and_a_labelled_co
     assert read_png_metadata(Path(items[2]["media"]).read_bytes())["loras"][0]["scale"] == 0.5
 
     sheet = store / "runs/three-scales/contact-sheet.png"
-    layout = sheet_layout([SheetRun("three-scales", manifest)], (48, 32))
+    layout = sheet_layout([RunManifest("three-scales", manifest)], (48, 32))
     assert (len(layout.rows), len(layout.columns)) == (2, 6)
     assert [column.label for column in layout.columns[:3]] == [("seed 0", "lora 0"), ("seed 1", "lora 0"),
                                                              ("seed 0", "lora 0.5")]
@@ -129,7 +130,7 @@ def test_contact_sheet_puts_runs_side_by_side(tiny_models, tiny_loras, tmp_path)
     output = tmp_path / "side-by-side.png"
     assert main(["contact-sheet", str(store / "runs/base/manifest.json"), str(store / "runs/lora/manifest.json"),
                  "--output", str(output)]) == 0
-    runs = [SheetRun(name, json.loads((store / f"runs/{name}/manifest.json").read_text())) for name in ("base", "lora")]
+    runs = [RunManifest(name, json.loads((store / f"runs/{name}/manifest.json").read_text())) for name in ("base", "lora")]
     layout = sheet_layout(runs, (48, 32))
     assert (len(layout.rows), [column.run for column in layout.columns]) == (2, [0, 0, 1, 1])
     pixels = image_of(output)
@@ -143,8 +144,8 @@ def test_a_video_shows_its_middle_frame(tmp_path):
     colours = [np.full((1, 32, 48, 3), 40 * index, np.uint8) for index in range(5)]
     media = {"clip.mp4": mp4_bytes(colours, 16, {"frames": 5})}
     manifest = {"model": "m", "items": [{"prompt": "a cat walks", "seed": 0, "media": "clip.mp4"}]}
-    sheet = np.asarray(render_contact_sheet([SheetRun("video", manifest)], media.__getitem__))
-    left, top, right, bottom = sheet_layout([SheetRun("video", manifest)], (48, 32)).cell_box(0, 0)
+    sheet = np.asarray(render_contact_sheet([RunManifest("video", manifest)], media.__getitem__))
+    left, top, right, bottom = sheet_layout([RunManifest("video", manifest)], (48, 32)).cell_box(0, 0)
     assert np.abs(sheet[top:bottom, left:right].astype(int) - 80).max() <= 3
 
 
@@ -160,8 +161,8 @@ def test_a_missing_media_file_leaves_its_cell_blank(tiny_models, tmp_path):
     generate(tiny_models("flux1"), store, "run")
     manifest = json.loads((store / "runs/run/manifest.json").read_text())
     Path(manifest["items"][0]["media"]).unlink()
-    sheet = np.asarray(render_contact_sheet([SheetRun("run", manifest)], lambda uri: Path(uri).read_bytes()))
-    layout = sheet_layout([SheetRun("run", manifest)], (48, 32))
+    sheet = np.asarray(render_contact_sheet([RunManifest("run", manifest)], lambda uri: Path(uri).read_bytes()))
+    layout = sheet_layout([RunManifest("run", manifest)], (48, 32))
     for column, blank in ((0, True), (1, False)):
         left, top, right, bottom = layout.cell_box(0, column)
         cell = sheet[top:bottom, left:right]

@@ -19,7 +19,8 @@ from PIL import Image
 from helpers import one_line_error, snapshot
 from stagediff import stages
 from stagediff.cli import main
-from stagediff.compare import ScoredRun, compare_runs
+from stagediff.compare import compare_runs
+from stagediff.manifest import RunManifest
 from stagediff.inventory import plan_state
 from stagediff.media import mp4_bytes
 from stagediff.plan import SCORE, make_plan
@@ -141,10 +142,11 @@ def test_generate_scores_every_item_and_summarizes_each_grid_point(scored_run, t
 
 
 def test_the_contact_sheet_shows_each_items_scores_under_its_tile(scored_run):
-    from stagediff.contact_sheet import BACKGROUND, SheetRun, sheet_layout
+    from stagediff.contact_sheet import BACKGROUND, sheet_layout
+    from stagediff.manifest import RunManifest
 
     store, manifest = scored_run
-    layout = sheet_layout([SheetRun("scored", manifest)], (32, 32))
+    layout = sheet_layout([RunManifest("scored", manifest)], (32, 32))
     assert len(layout.cell_scores) == 8
     item = manifest["items"][0]
     assert layout.cell_scores[(0, 0)] == f"clip {next(iter(item['scores'].values())):.2f}"
@@ -270,7 +272,7 @@ def test_the_summary_gives_mean_deviation_and_worst_prompts_per_grid_point():
 
 
 def test_compare_reports_per_setting_and_per_prompt_differences():
-    comparison = compare_runs(ScoredRun("a", RUN_A), ScoredRun("b", RUN_B))
+    comparison = compare_runs(RunManifest("a", RUN_A), RunManifest("b", RUN_B))
     assert [(row["label"], row["a"], row["b"], row["difference"]) for row in comparison.points] == [
         ("guidance 3", 16.0, 19.0, 3.0), ("guidance 5", 20.0, 23.0, 3.0)]
     assert [(row["prompt"], row["difference"]) for row in comparison.prompts] == [("cat", 3.5), ("dog", 2.5)]

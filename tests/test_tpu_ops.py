@@ -12,7 +12,7 @@ import jax
 import pytest
 import torch
 
-from helpers import run_all_stages, stored_item
+from helpers import stored_item
 from reference import relative_error
 from stagediff import stages
 from stagediff.errors import StagediffError
