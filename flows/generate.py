@@ -26,6 +26,8 @@ ORCHESTRATION_OPTIONS: tuple[Option, ...] = (
            choices=DISPATCH_CHOICES, default="auto"),
     Option("unit_items", int, "items per denoise and decode run (default: two runs per accelerator worker, at most "
            "32 items each)"),
+    Option("stage_timeout", float, "seconds the batch waits for a stage worker while none serves a stage it needs "
+           "(warm dispatch: a node pool scaled to zero), then fails", default=3600.0),
 )
 """How the generate flow spreads the work."""
 
