@@ -1,7 +1,9 @@
 """Test-only fault injection, loaded by processes started with tests/hooks on PYTHONPATH (Python
 imports `sitecustomize` at start-up). `STAGEDIFF_TEST_FAIL_ONCE=<stage>:<marker-file>` makes the first
 call of that stage function in `stagediff.stages` raise a transient error (and create the marker);
-later calls run normally. Nothing in the product reads this variable."""
+later calls run normally. `STAGEDIFF_TEST_HANG_ONCE=<function>:<marker-file>` makes the first call of
+that function of `stagediff.stages` (say `denoise_batch`) hang for good instead (a hung read, a wedged
+device), after creating the marker. Nothing in the product reads these variables."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import importlib.abc
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 TARGET_MODULE = "stagediff.stages"
@@ -30,11 +33,22 @@ def _fail_first_call(function, marker: Path):
     return wrapper
 
 
+def _hang_first_call(function, marker: Path):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if not marker.exists():
+            marker.touch()
+            threading.Event().wait()  # until the process is killed
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
     """Wraps the stage function once `stagediff.stages` has been executed."""
 
-    def __init__(self, stage: str, marker: Path):
-        self.stage, self.marker = stage, marker
+    def __init__(self, stage: str, marker: Path, fault=_fail_first_call):
+        self.stage, self.marker, self.fault = stage, marker, fault
 
     def find_spec(self, name, path=None, target=None):
         if name != TARGET_MODULE:
@@ -45,7 +59,7 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             execute(module)
-            setattr(module, self.stage, _fail_first_call(getattr(module, self.stage), self.marker))
+            setattr(module, self.stage, self.fault(getattr(module, self.stage), self.marker))
 
         spec.loader.exec_module = exec_module
         return spec
@@ -54,3 +68,6 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 _stage, _, _marker = os.environ.get("STAGEDIFF_TEST_FAIL_ONCE", "").partition(":")
 if _stage and _marker:
     sys.meta_path.insert(0, _PatchAfterImport(_stage, Path(_marker)))
+_function, _, _hang_marker = os.environ.get("STAGEDIFF_TEST_HANG_ONCE", "").partition(":")
+if _function and _hang_marker:
+    sys.meta_path.insert(0, _PatchAfterImport(_function, Path(_hang_marker), _hang_first_call))
