@@ -80,8 +80,15 @@ def connected_worker_ids(api_url: str) -> set[str]:
 
 
 def accelerator_worker_pids(stack_pid: int) -> set[int]:
-    return {p.pid for p in psutil.Process(stack_pid).children(recursive=True)
-            if "tasks.worker" in p.cmdline() and "denoise,decode" in p.cmdline()}
+    """The live denoise+decode stage workers that the stack runs."""
+    pids = set()
+    for process in psutil.Process(stack_pid).children(recursive=True):
+        try:
+            if "tasks.worker" in process.cmdline() and "denoise,decode" in process.cmdline():
+                pids.add(process.pid)
+        except psutil.Error:  # exited (a zombie until the stack reaps it)
+            pass
+    return pids
 
 
 @pytest.fixture(scope="module")
