@@ -116,8 +116,9 @@ class Chaos:
             state, note = self._final_state(resumed), "resumed by the automation"
         if fault == "cancelled" and state.is_cancelled():
             # Cancelled as asked; the same batch run again finishes the rest.
+            again = time.time()
             self.stack.prefect("deployment", "run", "generate/stagediff", "--params", json.dumps(parameters))
-            state, note = self._final_state(self._run_of(store, since=time.time() - 1)), "cancelled, then run again"
+            state, note = self._final_state(self._run_of(store, since=again)), "cancelled, then run again"
         seconds = time.monotonic() - started
         after = self._written(store)
         recomputed = sum(1 for path, mtime in done_at_fault.items() if after.get(path) != mtime)
