@@ -80,7 +80,7 @@ def test_second_batch_on_warm_workers_loads_no_model_and_compiles_nothing(prefec
 
 
 def test_a_worker_killed_mid_denoise_hands_its_run_to_a_new_worker(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
-    parameters = warm_params(tiny_sdxl, tmp_path, prompts=["a red cat"], seeds=[0, 1, 2, 3], steps=15)
+    parameters = warm_params(tiny_sdxl, tmp_path, prompts=["a red cat"], seeds=[0, 1, 2, 3], steps=15, unit_items=4)
     run_deployment_cli(prefect_stack, "generate/stagediff", parameters, watch=False)
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("latents/sdxl/*.safetensors")) and time.monotonic() < deadline:
