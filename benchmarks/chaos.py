@@ -137,6 +137,8 @@ class Chaos:
 
     def _final_state(self, run_id):
         def final():
+            if self.stack.processes["server"].poll() is not None:
+                raise RuntimeError("the Prefect server exited (not a fault of this benchmark's); see its log")
             try:
                 with self.client() as client:
                     state = client.read_flow_runs(flow_run_filter=FlowRunFilter(id={"any_": [run_id]}))[0].state
