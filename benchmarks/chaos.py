@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import signal
 import socket
 import sys
 import tempfile
@@ -188,6 +189,7 @@ def main() -> None:
     parser.add_argument("--outage", type=float, default=60.0, help="seconds every accelerator worker stays gone")
     parser.add_argument("--faults", default=",".join(Chaos.FAULTS))
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop the stack on the way out
     from stagediff.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="stagediff-chaos-"))
