@@ -53,7 +53,7 @@ def stage_deployments_exist(stages) -> bool:
 def executor_for(dispatch: str, plan: Plan, parameters: dict) -> Executor:
     """The executor of a (resolved) dispatch for a batch whose flow parameters are `parameters`."""
     if dispatch == WARM:
-        return WarmExecutor(plan)
+        return WarmExecutor(plan, parameters.get("stage_timeout"))
     if dispatch == DEPLOYMENTS:
         return DeploymentExecutor(parameters)
     return TaskExecutor(plan)

@@ -15,6 +15,7 @@ from flows.dispatch import DISPATCH_CHOICES, executor_for, resolve_dispatch
 from flows.parameters import generation_flow
 from flows.reporting import RunProgress, publish_results
 from stagediff.confinement import check_location, check_run_name
+from stagediff.errors import StagediffError
 from stagediff.manifest import default_run_name
 from stagediff.options import GENERATION_OPTIONS, RUN_OPTIONS, Option, request_from_options
 from stagediff.plan import make_plan
@@ -26,8 +27,15 @@ ORCHESTRATION_OPTIONS: tuple[Option, ...] = (
            choices=DISPATCH_CHOICES, default="auto"),
     Option("unit_items", int, "items per denoise and decode run (default: two runs per accelerator worker, at most "
            "32 items each)"),
+    Option("stage_timeout", float, "seconds the batch waits for a stage worker while none serves a stage it needs "
+           "(warm dispatch: a node pool scaled to zero), then fails", default=3600.0),
+    Option("resumed", int, "how many runs of this batch crashed before this one (set by the resume automation of "
+           "prefect.yaml, which runs the batch again when its run crashes)", default=0),
 )
 """How the generate flow spreads the work."""
+
+MAX_RESUMES = 3
+"""Crashed runs of one batch that the resume automation runs again; the next one fails at once."""
 
 GENERATE_OPTIONS = GENERATION_OPTIONS + RUN_OPTIONS + ORCHESTRATION_OPTIONS
 WHERE = {"warm": "on the stage workers", "deployments": "on their work pools", "in-process": "in-process"}
@@ -35,6 +43,11 @@ WHERE = {"warm": "on the stage workers", "deployments": "on their work pools", "
 
 def orchestrate(parameters: dict) -> str:
     logger = get_run_logger()
+    if parameters["resumed"] > MAX_RESUMES:
+        raise StagediffError(f"this batch's run crashed {parameters['resumed']} times: not resuming it again "
+                             "(run it again by hand once the cause is fixed; it resumes from the store)")
+    if parameters["resumed"]:
+        logger.info("Resuming a batch whose run crashed (resume %d of at most %d)", parameters["resumed"], MAX_RESUMES)
     request = request_from_options(parameters)
     check_run_name(parameters["run_name"])
     if parameters["manifest"]:

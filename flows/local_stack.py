@@ -4,7 +4,9 @@ and the warm stage workers: one for encode, one per accelerator for denoise and 
 `make serve` and by the real-server tests.
 
 Run: `python -m flows.local_stack [--port 4200] [--accelerator-workers N]`. SIGTERM, SIGINT (Ctrl-C,
-even when started in the background) and SIGHUP stop everything it started.
+even when started in the background) and SIGHUP stop everything it started. A process that exits
+meanwhile (a stage worker crashing) is started again, as a service manager would, with backoff. It
+refuses to start when another server already answers on its port.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ STAGE_WORKERS = {"encode": "encode,score", "accelerator": "denoise,decode"}
 WORKER_QUERY_SECONDS = "1"
 """How often workers look for scheduled stage runs (Prefect's default, 10 s, adds up to 10 s per stage)."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+RESTART_FIRST_SECONDS = 1.0
+RESTART_MAX_SECONDS = 30.0
+RESTART_RESET_SECONDS = 60.0
+"""A process that exits is started again after 1 s, then after twice the last wait (at most 30 s) while
+it keeps exiting; once it has been up a minute, from 1 s again."""
 TASK_STORAGE_BLOCK = "remote-file-system/stage-runs"
 TASK_STORAGE_SETTINGS = ("PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK", "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK")
 """Where Prefect keeps task runs' parameters (for task workers) and results: both name the block."""
@@ -41,6 +48,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class PortTaken(RuntimeError):
+    """Another server answers on the stack's port."""
+
+
+def port_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 class LocalStack:
@@ -71,6 +90,8 @@ class LocalStack:
             **(extra_env or {}),
         }
         self.processes: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, tuple[tuple[str, ...], dict | None]] = {}
+        """How each process was started (`restart`)."""
         self.logs = self.home / "logs"
 
     def prefect(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -86,9 +107,17 @@ class LocalStack:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.processes[name] = process
+        self.commands[name] = (module_and_args, env)
         return process
 
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start a process again as it was started last."""
+        module_and_args, env = self.commands[name]
+        return self._spawn(name, *module_and_args, env=env)
+
     def start_server(self, timeout: float = 90) -> None:
+        if port_answers(self.port):
+            raise PortTaken(f"port {self.port} is taken: a server already answers there; stop it or pick --port")
         self.home.mkdir(parents=True, exist_ok=True)
         self._spawn("server", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port))
         deadline = time.monotonic() + timeout
@@ -195,6 +224,36 @@ def _signal(process: psutil.Process, signum: int) -> None:
         pass
 
 
+class Supervisor:
+    """Starts again the stack's processes that exit, with backoff (`RESTART_*_SECONDS`)."""
+
+    def __init__(self, stack: LocalStack, report=print):
+        self.stack, self.report = stack, report
+        now = time.monotonic()
+        self.up_since = dict.fromkeys(stack.processes, now)
+        self.delays: dict[str, float] = {}
+        self.due: dict[str, float] = {}
+        """Process name -> when to start it again."""
+
+    def check(self) -> None:
+        now = time.monotonic()
+        for name, process in list(self.stack.processes.items()):
+            if name in self.due:
+                if now >= self.due[name]:
+                    del self.due[name]
+                    process = self.stack.restart(name)
+                    self.up_since[name] = time.monotonic()
+                    self.report(f"{name} started again (pid {process.pid})")
+            elif process.poll() is not None:
+                up = now - self.up_since.get(name, now)
+                last = self.delays.get(name)
+                delay = (RESTART_FIRST_SECONDS if last is None or up >= RESTART_RESET_SECONDS
+                         else min(RESTART_MAX_SECONDS, 2 * last))
+                self.delays[name], self.due[name] = delay, now + delay
+                self.report(f"{name} exited with code {process.returncode} after {up:.0f}s up; "
+                            f"starting it again in {delay:.0f}s (see {self.stack.logs / (name + '.log')})")
+
+
 class Stop(Exception):
     """Raised by `main()`'s signal handler, once: later signals must not interrupt the clean-up."""
 
@@ -226,6 +285,7 @@ def main() -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
     stack = LocalStack(Path(args.home), args.port, task_storage=args.task_storage)
+    exit_code = 0
     try:
         stack.start(args.accelerator_workers)
         print(f"Prefect UI: http://127.0.0.1:{stack.port}   (export PREFECT_API_URL={stack.api_url})")
@@ -234,10 +294,13 @@ def main() -> None:
         print(f"  PREFECT_API_URL={stack.api_url} prefect deployment run generate/stagediff --watch --params "
               '\'{"model": "demo-models/tiny-sdxl", "prompts": ["a red fox"], "seeds": [0, 1]}\'')
         print(f"Logs: {stack.logs}. Ctrl-C (or kill) stops the server and every worker.", flush=True)
-        while all(p.poll() is None for p in stack.processes.values()):
-            time.sleep(1)
-        stopped = [name for name, p in stack.processes.items() if p.poll() is not None]
-        print(f"{', '.join(stopped)} exited; see {stack.logs}. Stopping everything.", file=sys.stderr)
+        supervisor = Supervisor(stack, report=lambda line: print(line, file=sys.stderr, flush=True))
+        while True:
+            supervisor.check()
+            time.sleep(0.5)
+    except PortTaken as error:
+        print(f"Not starting: {error}", file=sys.stderr)
+        exit_code = 1
     except Stop as stop:
         print(f"{stop}: stopping the server and the workers.", file=sys.stderr)
     finally:
@@ -249,6 +312,7 @@ def main() -> None:
         for process in leftovers:
             _signal(process, signal.SIGKILL)
         psutil.wait_procs(leftovers, timeout=10)
+    sys.exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ finds those from the workers' heartbeats and submits them again (the store makes
 - a started run that no worker has named as its current run for `LOST_AFTER_SECONDS`;
 - a waiting run while a worker serving its stage has been idle for `IDLE_PROOF_SECONDS`: an idle
   worker takes any queued run of its stages within a second.
+While no worker serves a stage that runs wait for (every accelerator gone, a node pool scaled to zero),
+it says so at once, in the logs and an artifact, waits `stage_timeout` seconds for one, then fails.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 from prefect.client.schemas.objects import TaskRun, TaskRunResult
@@ -36,6 +39,8 @@ CHECK_SECONDS = 10.0
 """How often it looks for lost runs and counts the live workers."""
 LOST_AFTER_SECONDS = 6 * HEARTBEAT_SECONDS
 IDLE_PROOF_SECONDS = 3 * HEARTBEAT_SECONDS
+DEFAULT_STAGE_TIMEOUT = 3600.0
+"""Seconds to wait for a worker while none serves a stage that runs wait for."""
 QUEUED_PER_WORKER = 2
 """Runs of a stage in flight per live worker serving it: enough to keep every worker busy, and the
 server's in-memory queue (at most 1000 runs) short."""
@@ -92,8 +97,11 @@ def proves_lost(heartbeats: Heartbeats, stage_run: StageRun) -> bool:
 class WarmExecutor(Executor):
     """Runs units on the stage workers connected to the server."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, stage_timeout: float | None = None):
         self.batch = plan.request
+        self.stage_timeout = DEFAULT_STAGE_TIMEOUT if stage_timeout is None else stage_timeout
+        self.unserved_since: dict[str, float] = {}
+        """Stage -> since when (monotonic) runs of it wait while no worker serves it."""
         self.logger = get_run_logger()
         self.client = get_client(sync_client=True)
         self.client.__enter__()
@@ -101,6 +109,7 @@ class WarmExecutor(Executor):
         """Runs the event stream said finished (their state may not be in the API yet)."""
         self.wake = threading.Event()
         self.capacity: dict[str, int] = {}
+        self.workers: dict[str, int] = {}
         workers = self._count_workers()
         self.accelerators = max(1, workers["denoise"])
         self.logger.info("stage workers: %s", ", ".join(f"{stage} ×{count}" for stage, count in workers.items()))
@@ -123,6 +132,7 @@ class WarmExecutor(Executor):
             self._resubmit_lost([handle for handle in handles if handle not in finished], runs)
             self._count_workers()
             self.next_check = time.monotonic() + CHECK_SECONDS
+        self._check_served([handle for handle in handles if handle not in finished])
         return finished
 
     def outcome(self, handle):
@@ -185,8 +195,29 @@ class WarmExecutor(Executor):
                 self.logger.warning("%s run %s was lost (%s); submitted again as %s", stage_run.stage, run.name,
                                     reason, stage_run.run)
 
+    def _check_served(self, waiting: list[StageRun]) -> None:
+        """Say at once when runs wait for a stage that no live worker serves; fail after `stage_timeout`."""
+        now = time.monotonic()
+        unserved = {stage_run.stage for stage_run in waiting if not self.workers.get(stage_run.stage)}
+        for stage in sorted(unserved):
+            since = self.unserved_since.setdefault(stage, now)
+            if since == now:
+                message = (f"No stage worker serves {stage}: its runs wait until one connects "
+                           f"(python -m tasks.worker --stages ...), at most {self.stage_timeout:.0f}s (stage_timeout)")
+                self.logger.warning(message)
+                create_markdown_artifact(
+                    f"## No stage worker serves `{stage}`\n\n{message}.\n\nStart one, or scale its node pool up.",
+                    description=f"No stage worker serves {stage}")
+            elif now - since > self.stage_timeout:
+                raise StageRunFailed(f"No stage worker served {stage} for {self.stage_timeout:.0f}s (stage_timeout); "
+                                     "the batch stops here and resumes from the store when run again")
+        for stage in set(self.unserved_since) - unserved:
+            del self.unserved_since[stage]
+            self.logger.info("A stage worker serves %s again", stage)
+
     def _count_workers(self) -> dict[str, int]:
         workers = live_workers(STAGE_TASKS)
+        self.workers = workers
         for stage, count in workers.items():
             self.capacity[stage] = QUEUED_PER_WORKER * max(1, count)
         return workers

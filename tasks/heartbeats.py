@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +17,18 @@ HEARTBEAT_EVENT = "stagediff.stage-worker.heartbeat"
 HEARTBEAT_SECONDS = 5.0
 EVENTS_PER_PAGE = 50
 """The most the server returns per page."""
+STALL_SECONDS = float(os.environ.get("STAGEDIFF_STALL_SECONDS", "1800"))
+"""A run whose stage has not advanced (no item, no denoise step, not started) for this long is stuck (a
+hung read, a wedged device): the heartbeat stops naming it, and the flow that submitted it counts it
+lost and submits it again. Long enough for loading and compiling a large model."""
+
+_last_progress = time.monotonic()
+
+
+def progress_made() -> None:
+    """The stage running in this process advanced (called from its thread)."""
+    global _last_progress
+    _last_progress = time.monotonic()
 
 
 class Heartbeat:
@@ -31,6 +44,7 @@ class Heartbeat:
 
     def started(self, task_run_id) -> None:
         self.running = str(task_run_id)
+        progress_made()
         self.beat()
 
     def finished(self) -> None:
@@ -39,11 +53,13 @@ class Heartbeat:
 
     def beat(self) -> None:
         idle = time.monotonic() - self.idle_since if self.can_take_runs() and not self.running else 0.0
+        stuck = self.running is not None and time.monotonic() - _last_progress > STALL_SECONDS
         emit_event(
             HEARTBEAT_EVENT,
             resource={"prefect.resource.id": f"stagediff.stage-worker.{self.worker_id}",
                       "prefect.resource.name": self.worker_id},
-            payload={"stages": self.stages, "running": self.running, "idle_seconds": round(idle, 1)},
+            payload={"stages": self.stages, "running": None if stuck else self.running,
+                     "idle_seconds": round(idle, 1), **({"stuck": self.running} if stuck else {})},
         )
 
     async def keep_beating(self) -> None:

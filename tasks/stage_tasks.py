@@ -13,6 +13,7 @@ import sys
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
+from prefect.states import Cancelled
 
 from stagediff.errors import StagediffError
 from stagediff.plan import DECODE, DENOISE, ENCODE, SCORE, make_plan
@@ -20,6 +21,7 @@ from stagediff.progress import ProgressGroup, TqdmProgress
 from stagediff.request import Request
 from tasks.progress import ArtifactProgress
 from tasks.records import STAGE_RECORDS
+from tasks.run_watch import RunWatch, StageCancelled
 
 RETRIES = 2
 RETRY_DELAYS = [2, 10]
@@ -31,9 +33,13 @@ def _run_stage(stage: str, request: dict, keys: list[str] | None) -> list[str]:
     logger = get_run_logger()
     plan = make_plan(Request(**request))
     terminal = (TqdmProgress(),) if sys.stderr.isatty() else ()
-    progress = ProgressGroup(ArtifactProgress(), *terminal)
+    progress = ProgressGroup(RunWatch(), ArtifactProgress(), *terminal)
     try:
         result = run_stage(stage, plan, keys, progress)
+    except StageCancelled as cancelled:
+        # Items finished before are in the store; the one in progress was never written (writes are atomic).
+        logger.info("%s stopped: %s", stage, cancelled)
+        return Cancelled(message=f"{stage} stopped: {cancelled}")
     finally:
         progress.close()
     where = f"{socket.gethostname()} (pid {os.getpid()})"

@@ -29,6 +29,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import TaskRun
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import get_current_settings
+from prefect.states import Cancelled
 from prefect.task_worker import TaskWorker
 
 from stagediff.devices import log_stage_devices
@@ -83,14 +84,34 @@ async def _reason_to_skip(client, task_run: TaskRun, worker_id: str) -> str | No
         logger.warning("Could not read the state of %s (%s): running it", task_run.name, error)
         return None
     if state is None or state.is_scheduled():
-        return None
+        return await _flow_run_cancelled(client, task_run)
     if state.is_final():
         return f"it is {state.name} already"
     await asyncio.sleep(REDELIVERY_WAIT_SECONDS)  # a live worker beats within this
-    heartbeats = await asyncio.to_thread(_read_heartbeats, REDELIVERY_WAIT_SECONDS)
+    try:
+        heartbeats = await asyncio.to_thread(_read_heartbeats, REDELIVERY_WAIT_SECONDS)
+    except Exception as error:  # as above: a run done twice costs time, a run dropped is lost
+        logger.warning("Could not read the stage workers' heartbeats for %s (%s): running it", task_run.name, error)
+        return None
     if heartbeats.reported_running(task_run.id, after=delivered, by_other_than=worker_id):
         return "another worker reports it running"
     return None
+
+
+async def _flow_run_cancelled(client, task_run: TaskRun) -> str | None:
+    """A queued run whose flow run was cancelled (the UI's Cancel) is not started: it is set Cancelled."""
+    if task_run.flow_run_id is None:
+        return None
+    try:
+        flow_state = (await client.read_flow_run(task_run.flow_run_id)).state
+        if flow_state is None or not (flow_state.is_cancelling() or flow_state.is_cancelled()):
+            return None
+        await client.set_task_run_state(task_run.id, Cancelled(message=f"its flow run is {flow_state.name}"),
+                                        force=True)
+    except Exception as error:  # as above: run it rather than drop it
+        logger.warning("Could not read the flow run of %s (%s): running it", task_run.name, error)
+        return None
+    return f"its flow run is {flow_state.name}"
 
 
 def _read_heartbeats(seconds: float):
