@@ -161,10 +161,17 @@ class LocalStack:
         """Wait until these stage worker processes are connected to the server."""
         expected = {f"{socket.gethostname()}-{worker.pid}" for worker in workers}
         deadline = time.monotonic() + timeout
-        while not expected <= {worker["identifier"] for worker in self.connected_task_workers()}:
+        while not expected <= self._connected_identifiers():
             if time.monotonic() > deadline or any(worker.poll() is not None for worker in workers):
                 raise RuntimeError(f"stage workers did not connect in {timeout:.0f}s; see {self.logs}")
             time.sleep(0.5)
+
+    def _connected_identifiers(self) -> set[str]:
+        """The connected task workers' identifiers; none while the server is too busy to answer."""
+        try:
+            return {worker["identifier"] for worker in self.connected_task_workers()}
+        except OSError:  # a timed-out request on a loaded machine: ask again
+            return set()
 
     def connected_task_workers(self) -> list[dict]:
         """The task workers the server sees connected (`/task_workers/filter`)."""
