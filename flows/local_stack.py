@@ -298,7 +298,7 @@ def main() -> None:
         print(f"Prefect UI: http://127.0.0.1:{stack.port}   (export PREFECT_API_URL={stack.api_url})")
         print(f"Stage workers: encode, {args.accelerator_workers} × denoise+decode (warm); process workers on "
               f"{' and '.join(POOLS)}. Start a batch with:")
-        print(f"  PREFECT_API_URL={stack.api_url} prefect deployment run generate/stagediff --watch --params "
+        print(f"  PREFECT_API_URL={stack.api_url} .venv/bin/prefect deployment run generate/stagediff --watch --params "
               '\'{"model": "demo-models/tiny-sdxl", "prompts": ["a red fox"], "seeds": [0, 1]}\'')
         print(f"Logs: {stack.logs}. Ctrl-C (or kill) stops the server and every worker.", flush=True)
         supervisor = Supervisor(stack, report=lambda line: print(line, file=sys.stderr, flush=True))
