@@ -296,7 +296,7 @@ def main() -> None:
     try:
         stack.start(args.accelerator_workers)
         print(f"Prefect UI: http://127.0.0.1:{stack.port}   (export PREFECT_API_URL={stack.api_url})")
-        print(f"Stage workers: encode, {args.accelerator_workers} × denoise+decode (warm); process workers on "
+        print(f"Stage workers: encode+score, {args.accelerator_workers} × denoise+decode (warm); process workers on "
               f"{' and '.join(POOLS)}. Start a batch with:")
         print(f"  PREFECT_API_URL={stack.api_url} .venv/bin/prefect deployment run generate/stagediff --watch --params "
               '\'{"model": "demo-models/tiny-sdxl", "prompts": ["a red fox"], "seeds": [0, 1]}\'')
