@@ -25,6 +25,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Mapping
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -75,7 +76,7 @@ def tensor_checksum(tensors: Mapping[str, "torch.Tensor"]) -> str:
     return digest.hexdigest()
 
 
-class Store:
+class Store(ABC):
     """Artifacts under one store URI: a local folder (`LocalStore`) or `gs://bucket/prefix`
     (`ObjectStore`). `Store(uri)` returns the implementation the URI names and refuses any other
     scheme (a one-line error): fsspec never gets to pick a filesystem from a user's string.
@@ -118,21 +119,21 @@ class Store:
     def exists(self, relative: str) -> bool:
         return self.fs.exists(self.path(relative))
 
+    @abstractmethod
     def list_folder(self, relative_folder: str) -> dict[str, "Listed"]:
         """The files of a folder, by name, from one listing (paged by the object store): sizes, and on
         object stores the summaries their writers recorded. Never reads a body."""
-        raise NotImplementedError
 
+    @abstractmethod
     def walk(self, relative_folder: str) -> dict[str, "Listed"]:
         """Every file below a folder (relative path → listing entry), leftovers aside; paged listings."""
-        raise NotImplementedError
 
+    @abstractmethod
     def recorded(self, relative: str, listed: "Listed") -> dict[str, str]:
         """What the writer of an artifact recorded about it (`key` and `checksum` of tensors,
         `latents-checksum` of media, `contact-sheet-key` of sheets): from the listing on object
         stores, from the file's header on local ones (never the body). Raises CorruptArtifact when
         the header is unreadable or the upload carries no summary."""
-        raise NotImplementedError
 
     # -- tensors -------------------------------------------------------------------------------
     def write_tensors(self, relative: str, tensors: Mapping[str, "torch.Tensor"], key: str, inputs: Mapping) -> str:
@@ -245,9 +246,9 @@ class Store:
         return removed
 
     # -- files ---------------------------------------------------------------------------------
+    @abstractmethod
     def copy(self, source: str, destination: str) -> str:
         """Copy a file within the store, atomically (an object store copies it server side, summary included)."""
-        raise NotImplementedError
 
     def remove(self, relative: str) -> None:
         """Delete one file (`stagediff verify --repair`, `stagediff gc`: no stage deletes an artifact)."""
@@ -260,15 +261,15 @@ class Store:
                 file.write(data)
         return self.uri_of(relative)
 
+    @abstractmethod
     def _staged_file(self, relative: str, summary: Mapping[str, str]):
         """A local file to write; on success it becomes the artifact at once, so readers never see half
         a file. Concurrent writers of one key each publish a whole, valid artifact (same key, same
         content), and the last one stays."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _local_copy(self, relative: str):
         """A local path holding the artifact: the file itself, or a streamed download."""
-        raise NotImplementedError
 
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self.path(relative))
