@@ -143,13 +143,19 @@ def test_corrupt_latents_body_without_media_is_recomputed_not_a_decode_that_fail
     assert main(args) == 0  # and the next run finds everything done
 
 
-def test_a_decode_stage_alone_on_corrupt_latents_fails_once_and_denoise_then_rewrites_them(tiny_sdxl, tmp_path):
-    request = _request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",))
+def _one_item_with_corrupt_latents_and_no_media(model, store):
+    """A finished one-item batch whose latents body is then garbled (header intact) and media deleted."""
+    request = _request(model, store, seeds=(0,), prompts=("a red cat",))
     run_all_stages(request)
     plan = make_plan(request)
     item = plan.items[0]
-    _garble_body(Path(tmp_path, item.latents_path))
-    Path(tmp_path, item.media_path).unlink()
+    _garble_body(Path(store, item.latents_path))
+    Path(store, item.media_path).unlink()
+    return request, plan, item
+
+
+def test_a_decode_stage_alone_on_corrupt_latents_fails_once_and_denoise_then_rewrites_them(tiny_sdxl, tmp_path):
+    request, plan, item = _one_item_with_corrupt_latents_and_no_media(tiny_sdxl, tmp_path)
     with pytest.raises(CorruptInput, match="corrupt"):
         stages.decode(plan)
     assert Path(tmp_path, item.latents_path).exists()  # decode deletes nothing
@@ -177,12 +183,7 @@ def test_a_worker_whose_corrupt_input_reaches_the_run_as_another_failure_is_sche
     the store is what the run goes by."""
     from stagediff.scheduler import BatchRun, LocalExecutor
 
-    request = _request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",))
-    run_all_stages(request)
-    plan = make_plan(request)
-    item = plan.items[0]
-    _garble_body(Path(tmp_path, item.latents_path))
-    Path(tmp_path, item.media_path).unlink()
+    request, plan, item = _one_item_with_corrupt_latents_and_no_media(tiny_sdxl, tmp_path)
 
     def remote_worker(unit):
         try:
