@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from uuid import UUID
 
 import numpy as np
 import pytest
 from PIL import Image
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.states import Cancelling
 
 from stagediff import stages
 from stagediff.plan import make_plan
@@ -53,6 +57,23 @@ def run_deployment_cli(stack, name: str, parameters: dict, watch: bool = True):
     """`prefect deployment run NAME --params JSON [--watch]`, as a user types it."""
     return stack.prefect("deployment", "run", name, "--params", json.dumps(parameters), *(["--watch"] if watch else []),
                          check=False)
+
+
+@contextmanager
+def deployment_run(stack, client, name: str, parameters: dict):
+    """`prefect deployment run NAME --params JSON`, not watched; yields the id of the flow run it created and
+    cancels that run if it is still going when the block ends (a failed test leaves no batch running into
+    the next one)."""
+    result = run_deployment_cli(stack, name, parameters, watch=False)
+    created = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout)
+    assert result.returncode == 0 and created, result.stdout + result.stderr
+    run_id = UUID(created.group(1))
+    try:
+        yield run_id
+    finally:
+        state = client.read_flow_run(run_id).state
+        if state is None or not state.is_final():
+            client.set_flow_run_state(run_id, Cancelling(), force=True)
 
 
 def latest_run(client, flow_name: str):

@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import FlowRunFilter
 from prefect.states import AwaitingRetry, Crashed
 
 from flows.local_stack import POOLS, PROJECT_DIR
-from helpers import HOOKS, latest_run, run_deployment_cli, snapshot, wait_for_state
+from helpers import HOOKS, deployment_run, latest_run, run_deployment_cli, snapshot, wait_for_state
 
 
 def stage_runs_of(client, generate_run) -> dict[str, list]:
@@ -91,24 +91,23 @@ def test_a_bad_parameter_fails_a_stage_deployment_run_at_once(prefect_stack, pre
 def test_crashed_run_retried_from_the_ui_redoes_only_missing_items(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
     store = tmp_path / "store"
     parameters = params(tiny_sdxl, store, steps=30, prompts=["a red cat"], seeds=[0, 1, 2, 3], unit_items=4)
-    run_deployment_cli(prefect_stack, "generate/stagediff", parameters, watch=False)
-    deadline = time.monotonic() + 300
-    while not list(store.glob("latents/sdxl/*.safetensors")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    prefect_stack.kill("worker-tpu-pool")  # the worker and its flow run die mid-denoise
-    done_before = snapshot(store)
-    assert 0 < len([p for p in done_before if p.startswith("latents/")]) < 4
+    with deployment_run(prefect_stack, prefect_client, "generate/stagediff", parameters) as generate_run_id:
+        deadline = time.monotonic() + 300
+        while not list(store.glob("latents/sdxl/*.safetensors")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        prefect_stack.kill("worker-tpu-pool")  # the worker and its flow run die mid-denoise
+        done_before = snapshot(store)
+        assert 0 < len([p for p in done_before if p.startswith("latents/")]) < 4
 
-    generate_run = latest_run(prefect_client, "generate")
-    (denoise_run,) = stage_runs_of(prefect_client, generate_run)["denoise"]
-    # What the server's heartbeat monitor does for a run whose worker died:
-    prefect_client.set_flow_run_state(denoise_run.id, Crashed(message="worker killed"), force=True)
-    wait_for_state(prefect_client, generate_run.id, lambda s: s.is_final())
+        (denoise_run,) = stage_runs_of(prefect_client, prefect_client.read_flow_run(generate_run_id))["denoise"]
+        # What the server's heartbeat monitor does for a run whose worker died:
+        prefect_client.set_flow_run_state(denoise_run.id, Crashed(message="worker killed"), force=True)
+        wait_for_state(prefect_client, generate_run_id, lambda s: s.is_final())
 
-    prefect_stack.start_worker("tpu-pool")
-    prefect_client.set_flow_run_state(generate_run.id, AwaitingRetry(), force=True)  # the UI's "Retry"
-    finished = wait_for_state(prefect_client, generate_run.id, lambda s: s.is_final())
-    assert finished.state.is_completed()
+        prefect_stack.start_worker("tpu-pool")
+        prefect_client.set_flow_run_state(generate_run_id, AwaitingRetry(), force=True)  # the UI's "Retry"
+        finished = wait_for_state(prefect_client, generate_run_id, lambda s: s.is_final())
+        assert finished.state.is_completed()
 
     after = snapshot(store)
     assert len([p for p in after if p.startswith("latents/")]) == 4

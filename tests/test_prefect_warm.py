@@ -14,7 +14,7 @@ import pytest
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterTaskRunId
 
 from flows.generate import generate
-from helpers import latest_run, run_deployment_cli, snapshot, wait_for_state
+from helpers import deployment_run, latest_run, run_deployment_cli, snapshot, wait_for_state
 from stagediff.tiny import build_tiny_model
 
 ACCELERATOR = "stage-accelerator-0"
@@ -81,18 +81,17 @@ def test_second_batch_on_warm_workers_loads_no_model_and_compiles_nothing(prefec
 
 def test_a_worker_killed_mid_denoise_hands_its_run_to_a_new_worker(prefect_stack, prefect_client, tiny_sdxl, tmp_path):
     parameters = warm_params(tiny_sdxl, tmp_path, prompts=["a red cat"], seeds=[0, 1, 2, 3], steps=15, unit_items=4)
-    run_deployment_cli(prefect_stack, "generate/stagediff", parameters, watch=False)
-    deadline = time.monotonic() + 300
-    while not list(tmp_path.glob("latents/sdxl/*.safetensors")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    prefect_stack.kill(ACCELERATOR)
-    done_before = {path: mtime for path, mtime in snapshot(tmp_path).items() if path.startswith("latents/")}
-    assert 0 < len(done_before) < 4
+    with deployment_run(prefect_stack, prefect_client, "generate/stagediff", parameters) as generate_run_id:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("latents/sdxl/*.safetensors")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        prefect_stack.kill(ACCELERATOR)
+        done_before = {path: mtime for path, mtime in snapshot(tmp_path).items() if path.startswith("latents/")}
+        assert 0 < len(done_before) < 4
 
-    replacement = prefect_stack.start_stage_worker(ACCELERATOR, "denoise,decode")
-    generate_run = latest_run(prefect_client, "generate")
-    finished = wait_for_state(prefect_client, generate_run.id, lambda state: state.is_final())
-    assert finished.state.is_completed()
+        replacement = prefect_stack.start_stage_worker(ACCELERATOR, "denoise,decode")
+        finished = wait_for_state(prefect_client, generate_run_id, lambda state: state.is_final())
+        assert finished.state.is_completed()
 
     (denoise_run,) = stage_task_runs(prefect_client, finished)["denoise"]
     worker, summary = stage_report(prefect_client, denoise_run)  # the same run, finished by the new worker

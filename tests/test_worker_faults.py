@@ -14,7 +14,7 @@ from prefect.states import Cancelling, Running
 
 from flows.generate import generate
 from flows.local_stack import PROJECT_DIR, free_port
-from helpers import HOOKS, latest_run, run_deployment_cli, snapshot, wait_for_state
+from helpers import HOOKS, deployment_run, latest_run, snapshot, wait_for_state
 from tasks import worker
 from test_local_stack import wait_until
 from test_prefect_warm import stage_report, stage_task_runs
@@ -89,37 +89,33 @@ def test_without_any_accelerator_worker_the_run_says_so_and_fails_after_stage_ti
 
 def test_a_run_waiting_for_an_accelerator_worker_completes_when_one_comes(
         no_accelerator_worker, prefect_stack, prefect_client, tiny_sdxl, tmp_path):
-    run_deployment_cli(prefect_stack, "generate/stagediff", warm_params(tiny_sdxl, tmp_path, stage_timeout=600),
-                       watch=False)
-    wait_until(lambda: latest_run(prefect_client, "generate").state.is_running(), "the generate run to start")
-    run = latest_run(prefect_client, "generate")
-    wait_until(lambda: any(m.startswith("No stage worker serves denoise") for m in run_logs(prefect_client, run.id)),
-               "the run to say that no worker serves denoise")
+    with deployment_run(prefect_stack, prefect_client, "generate/stagediff",
+                        warm_params(tiny_sdxl, tmp_path, stage_timeout=600)) as run_id:
+        wait_until(lambda: any(m.startswith("No stage worker serves denoise") for m in run_logs(prefect_client, run_id)),
+                   "the run to say that no worker serves denoise")
 
-    prefect_stack.wait_until_connected(prefect_stack.start_stage_worker(ACCELERATOR, "denoise,decode"))
-    assert wait_for_state(prefect_client, run.id, lambda state: state.is_final()).state.is_completed()
+        prefect_stack.wait_until_connected(prefect_stack.start_stage_worker(ACCELERATOR, "denoise,decode"))
+        assert wait_for_state(prefect_client, run_id, lambda state: state.is_final()).state.is_completed()
     assert len(list(tmp_path.glob("media/*.png"))) == 2
 
 
 # -- cancelling a generate run ---------------------------------------------------------------------
 def test_cancelling_a_generate_run_stops_the_stage_run_a_worker_has_taken(prefect_stack, prefect_client, tiny_sdxl,
                                                                          tmp_path):
-    run_deployment_cli(prefect_stack, "generate/stagediff", warm_params(tiny_sdxl, tmp_path, seeds=[0], steps=5000),
-                       watch=False)
-    wait_until(lambda: latest_run(prefect_client, "generate").state.is_running(), "the generate run to start")
-    run = latest_run(prefect_client, "generate")
+    with deployment_run(prefect_stack, prefect_client, "generate/stagediff",
+                        warm_params(tiny_sdxl, tmp_path, seeds=[0], steps=5000)) as run_id:
 
-    def denoise_running():
-        runs = stage_task_runs(prefect_client, run).get("denoise", [])
-        return runs[0] if runs and runs[0].state.is_running() else None
+        def denoise_running():
+            runs = stage_task_runs(prefect_client, prefect_client.read_flow_run(run_id)).get("denoise", [])
+            return runs[0] if runs and runs[0].state and runs[0].state.is_running() else None
 
-    wait_until(denoise_running, "the denoise run to start", timeout=300)
-    denoise = denoise_running()
-    prefect_client.set_flow_run_state(run.id, Cancelling(), force=True)  # as the UI's Cancel does
+        wait_until(denoise_running, "the denoise run to start", timeout=300)
+        denoise = denoise_running()
+        prefect_client.set_flow_run_state(run_id, Cancelling(), force=True)  # as the UI's Cancel does
 
-    wait_until(lambda: prefect_client.read_task_run(denoise.id).state.is_final(), "the denoise run to end")
-    assert prefect_client.read_task_run(denoise.id).state.is_cancelled()
-    assert wait_for_state(prefect_client, run.id, lambda state: state.is_final()).state.is_cancelled()
+        wait_until(lambda: prefect_client.read_task_run(denoise.id).state.is_final(), "the denoise run to end")
+        assert prefect_client.read_task_run(denoise.id).state.is_cancelled()
+        assert wait_for_state(prefect_client, run_id, lambda state: state.is_final()).state.is_cancelled()
     assert not [path for path in (tmp_path / "latents").rglob("*") if path.is_file()]  # no latents, no half file
 
     # The worker is free: the next batch runs on it.
@@ -139,15 +135,13 @@ def test_a_run_stuck_on_a_worker_that_still_beats_is_taken_by_another(no_acceler
         "STAGEDIFF_STALL_SECONDS": "3"})
     try:
         prefect_stack.wait_until_connected(stuck)
-        run_deployment_cli(prefect_stack, "generate/stagediff", warm_params(tiny_sdxl, tmp_path / "store"),
-                           watch=False)
-        wait_until(marker.exists, "the worker to hang", timeout=300)
-        replacement = prefect_stack.start_stage_worker(ACCELERATOR, "denoise,decode")
-        prefect_stack.wait_until_connected(replacement)
-
-        run = latest_run(prefect_client, "generate")
-        assert wait_for_state(prefect_client, run.id, lambda state: state.is_final()).state.is_completed()
-        assert any("was lost" in message for message in run_logs(prefect_client, run.id))
+        with deployment_run(prefect_stack, prefect_client, "generate/stagediff",
+                            warm_params(tiny_sdxl, tmp_path / "store")) as run_id:
+            wait_until(marker.exists, "the worker to hang", timeout=300)
+            replacement = prefect_stack.start_stage_worker(ACCELERATOR, "denoise,decode")
+            prefect_stack.wait_until_connected(replacement)
+            assert wait_for_state(prefect_client, run_id, lambda state: state.is_final()).state.is_completed()
+        assert any("was lost" in message for message in run_logs(prefect_client, run_id))
         assert stuck.poll() is None  # it still hangs: the run went on elsewhere
         assert len(list((tmp_path / "store").glob("media/*.png"))) == 2
     finally:
@@ -158,15 +152,16 @@ def test_a_run_stuck_on_a_worker_that_still_beats_is_taken_by_another(no_acceler
 def test_a_generate_run_whose_process_dies_is_run_again_and_completes_the_batch(prefect_stack, prefect_client,
                                                                                 tiny_sdxl, tmp_path):
     parameters = warm_params(tiny_sdxl, tmp_path, seeds=[0, 1, 2, 3], steps=20, unit_items=1)
-    run_deployment_cli(prefect_stack, "generate/stagediff", parameters, watch=False)
-    wait_until(lambda: list(tmp_path.glob("media/*.png")), "a first image", timeout=300)
-    crashed = latest_run(prefect_client, "generate")
-    (flow_process,) = [p for p in psutil.Process(prefect_stack.processes["worker-cpu-pool"].pid).children(recursive=True)
-                       if "prefect.engine" in " ".join(p.cmdline())]
-    flow_process.kill()  # as a preempted VM would
-    flow_process.wait(timeout=30)
-    done_before = {path: mtime for path, mtime in snapshot(tmp_path).items() if path.startswith(("latents/", "media/"))}
-    assert wait_for_state(prefect_client, crashed.id, lambda state: state.is_final()).state.is_crashed()
+    with deployment_run(prefect_stack, prefect_client, "generate/stagediff", parameters) as crashed_id:
+        wait_until(lambda: list(tmp_path.glob("media/*.png")), "a first image", timeout=300)
+        (flow_process,) = [p for p in psutil.Process(prefect_stack.processes["worker-cpu-pool"].pid).children(
+            recursive=True) if "prefect.engine" in " ".join(p.cmdline())
+            and p.environ().get("PREFECT__FLOW_RUN_ID") == str(crashed_id)]
+        flow_process.kill()  # as a preempted VM would
+        flow_process.wait(timeout=30)
+        done_before = {path: mtime for path, mtime in snapshot(tmp_path).items()
+                       if path.startswith(("latents/", "media/"))}
+        assert wait_for_state(prefect_client, crashed_id, lambda state: state.is_final()).state.is_crashed()
 
     def resumed_run():
         runs = prefect_client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["generate"])))
