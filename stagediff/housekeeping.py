@@ -1,5 +1,5 @@
-"""Looking after a store: `verify` reads every artifact in full (several at once) and can remove the
-corrupt ones so that they are recomputed; `gc` finds what killed writers left and, when asked, the
+"""Looking after a store: `verify` reads every artifact (score files included) in full, several at once,
+and can remove the corrupt ones so that they are recomputed; `gc` finds what killed writers left and, when asked, the
 artifacts that no run declares (manifests, and the records of live or recently died runs: see
 `stagediff.run_records`). Nothing is deleted unless asked, and each file is checked again right before
 it is deleted; I/O errors are reported, never taken for corruption."""
@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 
 from stagediff.errors import CorruptArtifact, one_line
 from stagediff.media import CorruptMedia, verified_media_metadata
-from stagediff.run_records import DeclarationReader
+from stagediff.run_records import RUNS_FOLDER, DeclarationReader
+from stagediff.scoring import SCORES_FOLDER, check_score_file
 from stagediff.store import CORRUPT_MARKER_SUFFIX, LEFTOVER_AGE_SECONDS, Store
 
 TENSOR_FOLDERS = ("embeddings", "latents")
 MEDIA_FOLDER = "media"
-RUNS_FOLDER = "runs"
+ARTIFACT_FOLDERS = (*TENSOR_FOLDERS, MEDIA_FOLDER, SCORES_FOLDER)
+"""The folders of a store whose files are artifacts (runs/ holds their declarations)."""
 VERIFY_THREADS = 8
 
 logger = logging.getLogger(__name__)
@@ -45,9 +47,10 @@ class GcReport:
 
 
 def artifact_paths(store: Store) -> list[str]:
-    """Every artifact of the store (relative paths), from listings."""
+    """Every artifact of the store (relative paths; score files included), from listings."""
     paths = [path for folder in TENSOR_FOLDERS for path in store.walk(folder) if path.endswith(".safetensors")]
     paths += [path for path in store.walk(MEDIA_FOLDER) if path.endswith((".png", ".mp4"))]
+    paths += [path for path in store.walk(SCORES_FOLDER) if path.endswith(".json")]
     return sorted(paths)
 
 
@@ -80,6 +83,8 @@ def _check(store: Store, path: str) -> str | None:
     try:
         if path.endswith(".safetensors"):
             store.read_artifact(path, name.removesuffix(".safetensors"))
+        elif path.endswith(".json"):
+            check_score_file(store.read_bytes(path), name.removesuffix(".json"))
         else:
             verified_media_metadata(name.rsplit(".", 1)[-1], store.read_bytes(path))
     except (CorruptArtifact, CorruptMedia):
@@ -93,12 +98,12 @@ def garbage(store: Store, unreferenced: bool = False, older_than: float = LEFTOV
     """What `gc` would delete: leftovers of killed writers, and (with `unreferenced`) artifacts that no
     manifest and no fresh run record under runs/ declares (`stagediff.run_records`), both only once
     `older_than` seconds old."""
-    folders = (*TENSOR_FOLDERS, MEDIA_FOLDER, RUNS_FOLDER)
+    folders = (*ARTIFACT_FOLDERS, RUNS_FOLDER)
     report = GcReport(leftovers=sorted({path for folder in folders for path in store.leftovers(folder, older_than)}))
     if unreferenced:
         protected = DeclarationReader(store).read().protected
         now = time.time()
-        listed = {**{p: i for f in TENSOR_FOLDERS for p, i in store.walk(f).items()}, **store.walk(MEDIA_FOLDER)}
+        listed = {path: info for folder in ARTIFACT_FOLDERS for path, info in store.walk(folder).items()}
         report.unreferenced = sorted(
             path for path, info in listed.items()
             if _declared(path) not in protected and (info.modified is None or now - info.modified >= older_than)

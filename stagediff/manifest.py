@@ -13,17 +13,26 @@ from stagediff.confinement import check_location, check_run_name
 from stagediff.errors import StagediffError, one_line
 from stagediff.families import Settings
 from stagediff.plan import Plan
+from stagediff.scoring import SCORE_FILES, SCORES_FOLDER, attach_scores
 
 
 ARTIFACT_FOLDERS = ("embeddings", "latents", "media")
+"""The artifacts of a manifest item, each under the item field of its folder's name."""
 
 
 def artifact_path(uri: str) -> str:
     """The store-relative path (`latents/sdxl/<key>.safetensors`) of an artifact URI in a manifest, whichever
     store, or wherever the store has moved since."""
     parts = uri.split("/")
-    start = max(index for index, part in enumerate(parts) if part in ARTIFACT_FOLDERS)
+    start = max(index for index, part in enumerate(parts) if part in (*ARTIFACT_FOLDERS, SCORES_FOLDER))
     return "/".join(parts[start:])
+
+
+def item_paths(item: dict) -> set[str]:
+    """The store-relative paths of every file a manifest item names: its artifacts and score files."""
+    uris = [item[kind] for kind in ARTIFACT_FOLDERS if item.get(kind)]
+    uris += (item.get(SCORE_FILES) or {}).values()
+    return {artifact_path(uri) for uri in uris}
 
 
 def default_run_name(model: str) -> str:
@@ -69,8 +78,6 @@ def manifest_of(plan: Plan) -> dict:
         for item in plan.items
     ]
     if plan.request.scores:
-        from stagediff.scoring import attach_scores
-
         attach_scores(plan, document)
     return document
 

@@ -1,7 +1,7 @@
 """Run records: a run declares what it uses before it uses it, so that `gc` never deletes live work.
 
 A run writes `runs/<run-name>/record.json` at its start, before it looks at the store: every artifact
-path its plan names (embeddings, latents, media), when it started, and a heartbeat that a thread
+path its plan names (embeddings, latents, media, score files), when it started, and a heartbeat that a thread
 refreshes every `HEARTBEAT_SECONDS` while it runs. At its end the run writes its manifest (which
 protects its artifacts for good) and a last record marked `ended`.
 
@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 from stagediff.confinement import check_run_name
 from stagediff.errors import CorruptArtifact, StagediffError, one_line
-from stagediff.manifest import ARTIFACT_FOLDERS, artifact_path
+from stagediff.manifest import item_paths
+from stagediff.scoring import score_tasks
 
 RUNS_FOLDER = "runs"
 RECORD_NAME = "record.json"
@@ -45,10 +46,12 @@ def record_path(run_name: str) -> str:
 
 
 def plan_paths(plan) -> list[str]:
-    """Every artifact path a plan names, in order, once each."""
+    """Every artifact path a plan names (score files included), in order, once each."""
     paths = [embedding.path for embedding in plan.embeddings]
     for item in plan.items:
         paths += [item.latents_path, item.media_path]
+    if plan.request.scores:
+        paths += [task.path for task in score_tasks(plan)]
     return list(dict.fromkeys(paths))
 
 
@@ -155,8 +158,8 @@ class DeclarationReader:
                 continue
             document = self._document(path, (info.size, info.modified, info.version))
             if name == MANIFEST_NAME:
-                declarations.protected |= {artifact_path(item[kind]) for item in document.get("items", ())
-                                           for kind in ARTIFACT_FOLDERS if item.get(kind)}
+                for item in document.get("items", ()):
+                    declarations.protected |= item_paths(item)
                 continue
             heartbeat = document.get("heartbeat") or 0
             if self.now() - heartbeat < RECORD_PROTECTS_SECONDS:

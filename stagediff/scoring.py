@@ -13,12 +13,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stagediff.errors import StagediffError, one_line
+from stagediff.errors import CorruptArtifact, StagediffError, one_line
 from stagediff.fingerprints import IGNORED_WEIGHTS, file_digest, is_ignored_weight
 from stagediff.loras import lora_name
 from stagediff.store import Store, content_key
 
 SCORE = "score"
+SCORES_FOLDER = "scores"
+SCORE_FILES = "score_files"
+"""The manifest item field naming its score files (scorer name → URI), beside `scores` (their values)."""
 METRICS = ("clip",)
 DEFAULT_MODELS = {"clip": "openai/clip-vit-large-patch14"}
 VIDEO_FRAMES = 8
@@ -150,7 +153,7 @@ def score_task(item, scorer: Scorer) -> ScoreTask:
     if item.media_path.endswith(".mp4"):
         inputs["frames"] = VIDEO_FRAMES
     key = content_key(inputs)
-    return ScoreTask(item, scorer, key, inputs, f"scores/{scorer.metric}/{key}.json")
+    return ScoreTask(item, scorer, key, inputs, f"{SCORES_FOLDER}/{scorer.metric}/{key}.json")
 
 
 def score_tasks(plan) -> list[ScoreTask]:
@@ -162,7 +165,7 @@ def stored_scores(plan) -> set[str]:
     """The score files the store holds among the plan's, from one listing per metric."""
     store, found = plan.store, set()
     for metric in {scorer.metric for scorer in plan.scorers}:
-        found.update(f"scores/{metric}/{name}" for name in store.list_folder(f"scores/{metric}"))
+        found.update(f"{SCORES_FOLDER}/{metric}/{name}" for name in store.list_folder(f"{SCORES_FOLDER}/{metric}"))
     return found
 
 
@@ -179,6 +182,19 @@ def read_score(store: Store, task: ScoreTask, latents_checksum: str | None = Non
         return None
     value = record.get("score")
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def check_score_file(data: bytes, key: str) -> None:
+    """CorruptArtifact unless `data` is a score file of `key`: a JSON object with that key and a finite score."""
+    try:
+        record = json.loads(data)
+    except ValueError as error:
+        raise CorruptArtifact(f"score file {key}: not JSON ({one_line(error)})") from None
+    if not isinstance(record, dict) or record.get("key") != key:
+        raise CorruptArtifact(f"score file {key}: not the score of its key")
+    value = record.get("score")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CorruptArtifact(f"score file {key}: score {value!r} is not a finite number")
 
 
 def score_record(task: ScoreTask, value: float, media_uri: str, latents_checksum: str | None) -> dict:
@@ -199,10 +215,13 @@ def attach_scores(plan, document: dict) -> None:
         return
     store = plan.store
     by_item: dict[int, dict] = {}
+    files_by_item: dict[int, dict] = {}
     for task in score_tasks(plan):
         by_item.setdefault(id(task.item), {})[task.scorer.name] = read_score(store, task)
+        files_by_item.setdefault(id(task.item), {})[task.scorer.name] = store.uri_of(task.path)
     for entry, item in zip(document["items"], plan.items):
         entry["scores"] = by_item.get(id(item), {})
+        entry[SCORE_FILES] = files_by_item.get(id(item), {})
     document["scorers"] = {scorer.name: {"model": scorer.spec.model, "identity": scorer.identity}
                            for scorer in plan.scorers}
     document["score_summary"] = summarize(document)

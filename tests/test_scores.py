@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +22,12 @@ from helpers import one_line_error, snapshot
 from stagediff import stages
 from stagediff.cli import main
 from stagediff.compare import compare_runs
-from stagediff.manifest import RunManifest
+from stagediff.manifest import RunManifest, artifact_path
 from stagediff.inventory import plan_state
 from stagediff.media import mp4_bytes
 from stagediff.plan import SCORE, make_plan
 from stagediff.request import Request
+from stagediff.run_records import plan_paths
 from stagediff.scheduler import schedule
 from stagediff.scoring import parse_score, score_tasks, summarize
 from stagediff.tiny.clip import build as build_clip
@@ -143,7 +146,7 @@ def test_generate_scores_every_item_and_summarizes_each_grid_point(scored_run, t
 
 def test_the_contact_sheet_shows_each_items_scores_under_its_tile(scored_run):
     from stagediff.contact_sheet import BACKGROUND, sheet_layout
-    from stagediff.manifest import RunManifest
+    from stagediff.manifest import RunManifest, artifact_path
 
     store, manifest = scored_run
     layout = sheet_layout([RunManifest("scored", manifest)], (32, 32))
@@ -390,3 +393,33 @@ def test_a_score_of_media_decoded_again_from_other_latents_is_stale_and_scored_a
     (task,) = [task for task in score_tasks(plan) if task.item is victim]
     changed = {path for path, mtime in snapshot(store).items() if before.get(path) != mtime}
     assert changed == {victim.media_path, task.path}
+
+
+def test_gc_and_verify_look_after_score_files(tiny_sdxl, tiny_clip, tmp_path, capsys):
+    """A run declares its score files (record and manifest): gc keeps them and deletes an orphan score
+    file; verify reads score files and `--repair` removes a corrupt one, which the next run scores again."""
+    store = tmp_path / "store"
+    manifest = generate(tiny_sdxl, store, "kept", "--score", f"clip:{tiny_clip}")
+    plan = make_plan(request_of(tiny_sdxl, store, tiny_clip, guidance=None))
+    own = {task.path for task in score_tasks(plan)}
+    assert own <= set(plan_paths(plan))
+    assert {artifact_path(uri) for item in manifest["items"] for uri in item["score_files"].values()} == own
+
+    template = json.loads((store / sorted(own)[0]).read_text())
+    (store / "scores/clip/orphan.json").write_text(json.dumps({**template, "key": "orphan"}))
+    corrupt = store / sorted(own)[1]
+    corrupt.write_text('{"score": "not a number"')
+    two_hours_ago = time.time() - 2 * 3600
+    for path in store.rglob("*"):
+        if path.is_file() and "runs" not in path.parts:
+            os.utime(path, (two_hours_ago,) * 2)
+
+    assert main(["gc", str(store), "--unreferenced", "--delete"]) == 0
+    assert "unreferenced " + str(store / "scores/clip/orphan.json") in capsys.readouterr().out
+    assert {str(p.relative_to(store)) for p in (store / "scores/clip").iterdir()} == own
+
+    assert main(["verify", str(store), "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert f"corrupt    {corrupt}  (removed)" in out and "14 artifacts checked, 1 corrupt" in out  # 2 embeddings, 4 latents, media, scores
+    assert not corrupt.exists()
+    assert stages.run_stage(SCORE, plan).computed == 1 and corrupt.exists()
