@@ -43,6 +43,13 @@ def stored_item(request: Request, prompt: str, seed: int):
     return latents, pixels
 
 
+def garble_body(path: Path) -> None:
+    """Flip the last bytes of a safetensors file: its header (what planning reads) stays intact."""
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    path.write_bytes(bytes(data))
+
+
 def snapshot(folder: Path) -> dict[str, float]:
     """Relative path -> modification time of every file under a store folder."""
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}

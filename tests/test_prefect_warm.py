@@ -14,7 +14,9 @@ import pytest
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterTaskRunId
 
 from flows.generate import generate
-from helpers import deployment_run, latest_run, run_deployment_cli, snapshot, wait_for_state
+from helpers import deployment_run, garble_body, latest_run, run_deployment_cli, snapshot, wait_for_state
+from stagediff.plan import make_plan
+from stagediff.request import Request
 from stagediff.tiny import build_tiny_model
 
 ACCELERATOR = "stage-accelerator-0"
@@ -100,6 +102,29 @@ def test_a_worker_killed_mid_denoise_hands_its_run_to_a_new_worker(prefect_stack
     assert len([path for path in after if path.startswith("latents/")]) == 4
     assert all(after[path] == mtime for path, mtime in done_before.items())
     assert len(list(tmp_path.glob("media/*.png"))) == 4
+
+
+def test_corrupt_latents_behind_an_intact_header_are_denoised_again_through_the_workers(prefect_stack, prefect_client,
+                                                                                        tiny_sdxl, tmp_path):
+    """The decode worker finds the latents body corrupt (planning read only the header), notes it and fails
+    its run; the generate run has the accelerator worker denoise that item again, decodes it, and completes."""
+    parameters = warm_params(tiny_sdxl, tmp_path, prompts=["a red cat"], seeds=[0])
+    assert run_deployment_cli(prefect_stack, "generate/stagediff", parameters).returncode == 0
+    plan = make_plan(Request(**parameters))
+    (item,) = plan.items
+    latents, media = tmp_path / item.latents_path, tmp_path / item.media_path
+    garble_body(latents)
+    garbled = latents.read_bytes()
+    media.unlink()
+
+    with deployment_run(prefect_stack, prefect_client, "generate/stagediff", parameters) as generate_run_id:
+        finished = wait_for_state(prefect_client, generate_run_id, lambda state: state.is_final())
+    assert finished.state.is_completed()
+    runs = stage_task_runs(prefect_client, finished)
+    assert sorted(run.state.type.value for run in runs["decode"]) == ["COMPLETED", "FAILED"]
+    assert [run.state.type.value for run in runs["denoise"]] == ["COMPLETED"]
+    assert latents.read_bytes() != garbled and media.exists()
+    plan.store.read_tensors(item.latents_path, item.latents_key)  # whole again
 
 
 @pytest.fixture

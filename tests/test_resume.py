@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_all_stages, snapshot
+from helpers import garble_body, run_all_stages, snapshot
 from stagediff import stages
 from stagediff.cli import main
 from stagediff.errors import CorruptInput
@@ -116,13 +116,6 @@ def test_a_run_that_writes_removes_what_killed_writers_left(tiny_sdxl, tmp_path)
     assert [p.name for p in leftover.parent.iterdir()] == [Path(item.latents_path).name]
 
 
-def _garble_body(path: Path) -> None:
-    """Flip the last bytes of a safetensors file: its header (what planning reads) stays intact."""
-    data = bytearray(path.read_bytes())
-    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
-    path.write_bytes(bytes(data))
-
-
 def test_corrupt_latents_body_without_media_is_recomputed_not_a_decode_that_fails_forever(tiny_sdxl, tmp_path):
     """Planning trusts the intact header and schedules only decode; decode finds the body corrupt, notes
     it (deleting nothing), and the run has denoise write the latents again, then decodes them."""
@@ -132,7 +125,7 @@ def test_corrupt_latents_body_without_media_is_recomputed_not_a_decode_that_fail
     plan = make_plan(_request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",)))
     item = plan.items[0]
     latents, media = Path(tmp_path, item.latents_path), Path(tmp_path, item.media_path)
-    _garble_body(latents)
+    garble_body(latents)
     garbled = latents.read_bytes()
     media.unlink()
     assert plan_state(plan).missing_stages == ["decode"]  # the header is all planning reads
@@ -149,7 +142,7 @@ def _one_item_with_corrupt_latents_and_no_media(model, store):
     run_all_stages(request)
     plan = make_plan(request)
     item = plan.items[0]
-    _garble_body(Path(store, item.latents_path))
+    garble_body(Path(store, item.latents_path))
     Path(store, item.media_path).unlink()
     return request, plan, item
 
@@ -169,7 +162,7 @@ def test_corrupt_embeddings_body_read_by_denoise_is_encoded_again(tiny_sdxl, tmp
     plan = make_plan(_request(tiny_sdxl, tmp_path, seeds=(0,), prompts=("a red cat",)))
     item = plan.items[0]
     embeddings = Path(tmp_path, item.embedding.path)
-    _garble_body(embeddings)
+    garble_body(embeddings)
     garbled = embeddings.read_bytes()
     Path(tmp_path, item.latents_path).unlink()
     Path(tmp_path, item.media_path).unlink()
