@@ -146,7 +146,7 @@ def test_generate_scores_every_item_and_summarizes_each_grid_point(scored_run, t
 
 def test_the_contact_sheet_shows_each_items_scores_under_its_tile(scored_run):
     from stagediff.contact_sheet import BACKGROUND, sheet_layout
-    from stagediff.manifest import RunManifest, artifact_path
+    from stagediff.manifest import RunManifest
 
     store, manifest = scored_run
     layout = sheet_layout([RunManifest("scored", manifest)], (32, 32))
