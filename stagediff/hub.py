@@ -64,7 +64,7 @@ def open_snapshot(repo_id: str, revision: str | None = None) -> HubSnapshot:
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(CONFIG_PATTERNS)))
     except Exception as error:
-        if _unreachable(error):
+        if hub_unreachable(error):
             raise StagediffError(f"model {where}: the Hugging Face Hub cannot be reached or refuses requests now "
                                  f"({one_line(error)}); try again later or pin --model {repo_id}@<commit>") from None
         raise StagediffError(f"model not found: {where} (no such folder; Hugging Face download failed: "
@@ -72,7 +72,7 @@ def open_snapshot(repo_id: str, revision: str | None = None) -> HubSnapshot:
     return HubSnapshot(repo_id, folder.name, folder, _listing(repo_id, folder.name))
 
 
-def _unreachable(error: Exception) -> bool:
+def hub_unreachable(error: Exception) -> bool:
     """A connection failure, a timeout or an answer like 429/5xx: the Hub, not the model, is the problem."""
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None)

@@ -13,6 +13,7 @@ from stagediff.families import Family, Settings
 from stagediff.loras import AppliedLora, LoraFile, open_lora
 from stagediff.models import Model, is_hub_id, open_model, pinned_reference
 from stagediff.request import GRID_FIELDS, Request, values_of
+from stagediff.scoring import open_scorers
 from stagediff.store import Store, content_key
 
 ENCODE, DENOISE, DECODE, SCORE = "encode", "denoise", "decode", "score"
@@ -82,6 +83,8 @@ class Plan:
     model_fingerprints: dict[str, str]
     """Stage name → identity of the model components that stage loads."""
     loras: tuple[LoraFile, ...] = ()
+    scorers: tuple = ()
+    """The request's scorers (`--score`: `stagediff.scoring.Scorer`), their files local and identities known."""
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -95,13 +98,6 @@ class Plan:
     @cached_property
     def store(self) -> Store:
         return Store(self.request.store)
-
-    @cached_property
-    def scorers(self):
-        """The request's scorers (`--score`), their files local and their identities known."""
-        from stagediff.scoring import open_scorers
-
-        return open_scorers(self.request.scores)
 
 
 def resolve_points(request: Request, model: Model, loras: dict[str, LoraFile]) -> tuple[Point, ...]:
@@ -141,6 +137,9 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
     # One run, one revision: a Hub id is planned at the commit it resolves to now, and the request every
     # stage (and every remote worker) receives names that commit (`org/name@<commit>`).
     request = request.replace(model=pinned_reference(model)) if model.hub else request
+    # A scorer that is not there fails the request now, before any work; a Hub scorer is pinned as the model is.
+    scorers = open_scorers(request.scores)
+    request = request.replace(scores=tuple(scorer.pinned for scorer in scorers)) if scorers else request
     family = model.family
     loras = {source: open_lora(source, model) for source, _ in request.lora_scales}
     points = resolve_points(request, model, loras)
@@ -201,9 +200,8 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
                     )
                 )
     fingerprints = {"encode": encoders, "denoise": denoiser, "decode": decoder}
-    plan = Plan(request, model, points, tuple(embeddings.values()), tuple(items), fingerprints, tuple(loras.values()))
-    plan.scorers  # a scorer that is not there fails the request now, before any work
-    return plan
+    return Plan(request, model, points, tuple(embeddings.values()), tuple(items), fingerprints,
+                tuple(loras.values()), scorers)
 
 
 def _lora_inputs(loras: tuple[AppliedLora, ...]) -> dict:

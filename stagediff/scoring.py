@@ -15,7 +15,9 @@ from pathlib import Path
 
 from stagediff.errors import CorruptArtifact, StagediffError, one_line
 from stagediff.fingerprints import IGNORED_WEIGHTS, file_digest, is_ignored_weight
+from stagediff.hub import hub_unreachable
 from stagediff.loras import lora_name
+from stagediff.models import looks_like_hub_id, split_hub_reference
 from stagediff.store import Store, content_key
 
 SCORE = "score"
@@ -43,8 +45,15 @@ class ScorerSpec:
 
     @property
     def name(self) -> str:
-        """How manifests and summaries name the scorer: the metric, or `metric:model` for another model."""
-        return self.metric if self.model == DEFAULT_MODELS[self.metric] else f"{self.metric}:{self.model}"
+        """How manifests and summaries name the scorer: the metric, or `metric:model` for another model
+        (a Hub model by its id: the commit it was pinned to is not part of its name)."""
+        model = _without_revision(self.model)
+        return self.metric if model == DEFAULT_MODELS[self.metric] else f"{self.metric}:{model}"
+
+
+def _without_revision(model: str) -> str:
+    repo_id, revision = split_hub_reference(model)
+    return repo_id if revision and looks_like_hub_id(repo_id) else model
 
 
 def parse_score(text: str) -> ScorerSpec:
@@ -75,6 +84,16 @@ class Scorer:
     folder: Path
     identity: str
     """The digest of every file it loads (weights in formats never loaded aside)."""
+    revision: str | None = None
+    """The commit a Hub scorer resolved to (None for a folder)."""
+
+    @property
+    def pinned(self) -> str:
+        """The `--score` that names exactly this scorer: a Hub model at its commit (`clip:org/name@<commit>`),
+        so that every unit of a run, in any process, loads that commit."""
+        if self.revision is None:
+            return f"{self.spec.metric}:{self.spec.model}"
+        return f"{self.spec.metric}:{split_hub_reference(self.spec.model)[0]}@{self.revision}"
 
     @property
     def name(self) -> str:
@@ -90,7 +109,7 @@ def open_scorer(spec: ScorerSpec) -> Scorer:
     safetensors weights downloaded) and its identity."""
     from stagediff.confinement import check_location
 
-    reference = spec.model
+    reference, revision = spec.model, None
     if reference.startswith("gs://") or Path(reference).expanduser().exists():
         check_location("--score", reference)
     if reference.startswith("gs://"):
@@ -105,18 +124,24 @@ def open_scorer(spec: ScorerSpec) -> Scorer:
             raise StagediffError(f"--score {spec.metric}:{reference}: no such model folder")
         else:
             folder = _hub_folder(spec)
+            revision = folder.name  # a snapshot's folder is named by its commit
     if not (folder / "config.json").is_file():
         raise StagediffError(f"--score {spec.metric}:{reference}: not a transformers model folder (no config.json)")
-    return Scorer(spec, folder, scorer_identity(folder))
+    return Scorer(spec, folder, scorer_identity(folder), revision)
 
 
 def _hub_folder(spec: ScorerSpec) -> Path:
+    """The Hub snapshot of the scorer (`org/name`, or `org/name@revision`) with the files it loads."""
     from huggingface_hub import snapshot_download
 
+    repo_id, revision = split_hub_reference(spec.model)
     try:
-        return Path(snapshot_download(spec.model, allow_patterns=list(SCORER_PATTERNS),
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(SCORER_PATTERNS),
                                       ignore_patterns=list(IGNORED_WEIGHTS)))
     except Exception as error:
+        if hub_unreachable(error):
+            raise StagediffError(f"--score {spec.metric}:{spec.model}: the Hugging Face Hub cannot be reached or "
+                                 f"refuses requests now ({one_line(error)}); try again later") from None
         raise StagediffError(f"--score {spec.metric}:{spec.model}: model not found (no such folder; Hugging Face "
                              f"download failed: {one_line(error)})") from None
 

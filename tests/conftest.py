@@ -42,6 +42,14 @@ def tiny_sdxl(tiny_models) -> Path:
     return tiny_models("sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny random-init CLIP (the score stage's scorer), built once per session."""
+    from stagediff.tiny.clip import build
+
+    return build(tmp_path_factory.mktemp("tiny-clip") / "clip")
+
+
 @pytest.fixture
 def eight_devices():
     """For tests of meshes: fails (never skips) when JAX does not see 8 devices."""

@@ -305,6 +305,32 @@ def test_a_hub_model_is_planned_at_one_commit_that_every_stage_receives(tiny_sdx
     assert answers[0][2] == answers[1][2]
 
 
+def test_a_hub_scorer_is_pinned_at_one_commit_that_every_unit_receives(tiny_sdxl, tiny_clip, tmp_path):
+    """`--score clip:org/name` is resolved once, when planned, as the model is: the plan's request names
+    `clip:org/name@<commit>`, the scorer keeps its name, and the pinned request plans the same score keys."""
+    from hub_emulator import COMMIT
+
+    hub = HubEmulator({"org/tiny-clip": tiny_clip})
+    script = (
+        "import json, sys\n"
+        "from stagediff.plan import make_plan\nfrom stagediff.request import Request\n"
+        "from stagediff.scoring import score_tasks\n"
+        "plan = make_plan(Request(model=sys.argv[1], prompts=['a red cat'], seeds=[0], steps=2, store=sys.argv[2],\n"
+        "                         scores=[sys.argv[3]]))\n"
+        "print(json.dumps([list(plan.request.scores), [s.name for s in plan.scorers], [t.key for t in score_tasks(plan)]]))\n"
+    )
+    env = _hub_env(tmp_path, hub.url)
+    try:
+        answers = [json.loads(subprocess.run([sys.executable, "-c", script, str(tiny_sdxl), str(tmp_path / "store"), score],
+                                             capture_output=True, text=True, env=env, check=True).stdout)
+                   for score in ("clip:org/tiny-clip", f"clip:org/tiny-clip@{COMMIT}")]
+    finally:
+        hub.stop()
+    pinned = [f"clip:org/tiny-clip@{COMMIT}"]
+    assert answers[0][:2] == answers[1][:2] == [pinned, ["clip:org/tiny-clip"]]
+    assert answers[0][2] == answers[1][2]
+
+
 def test_a_hub_that_refuses_requests_fails_planning_with_one_line(tiny_sdxl, tmp_path):
     """Before: the listing fell back silently to whatever files the local cache held. Now a Hub that
     answers 429 is a one-line error, even with the model's configs cached from an earlier run."""

@@ -30,15 +30,9 @@ from stagediff.request import Request
 from stagediff.run_records import plan_paths
 from stagediff.scheduler import schedule
 from stagediff.scoring import parse_score, score_tasks, summarize
-from stagediff.tiny.clip import build as build_clip
 
 PROMPTS = ("a red cat", "a blue dog")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory) -> Path:
-    return build_clip(tmp_path_factory.mktemp("tiny-clip") / "clip")
 
 
 def reference_clip_scores(folder: Path, images: list[np.ndarray], prompts: list[str]) -> list[float]:
