@@ -150,58 +150,69 @@ def make_plan(request: Request, model: Model | None = None) -> Plan:
         raise StagediffError(f"negative prompts are not supported by {family.name} models (their pipeline takes none)")
 
     model.check_safetensors(family.encode_components + family.denoise_components + family.decode_components)
-    encoders = model.fingerprint(family.encode_components)
-    denoiser = model.fingerprint(family.denoise_components)
-    decoder = model.fingerprint(family.decode_components)
-
+    fingerprints = {"encode": model.fingerprint(family.encode_components),
+                    "denoise": model.fingerprint(family.denoise_components),
+                    "decode": model.fingerprint(family.decode_components)}
     embeddings: dict[str, Embedding] = {}
     items = []
     for prompt, own_negative in request.prompt_pairs:
-        entry = prompt if own_negative is None else {"prompt": prompt, "negative_prompt": own_negative}
         negative = own_negative if own_negative is not None else default_negative
         for point in points:
-            settings = point.settings
-            encode_loras = tuple(lora for lora in point.loras if lora.changes(family.encode_components))
-            inputs = {
-                "family": family.name,
-                "model": encoders,
-                "prompt": prompt,
-                "negative_prompt": negative,
-                "dtype": settings.dtype,
-                "encoder": family.encoder_settings(settings),
-                **_lora_inputs(encode_loras),
-            }
-            key = content_key(inputs)
-            embedding = embeddings.setdefault(key, Embedding(
-                prompt, negative, key, inputs, f"embeddings/{family.name}/{key}.safetensors", settings, encode_loras, entry
-            ))
-            denoise_loras = tuple(lora for lora in point.loras if lora.changes(family.denoise_components))
-            for seed in dict.fromkeys(request.seeds):
-                latents_inputs = {
-                    "embeddings": key,
-                    "model": denoiser,
-                    "seed": seed,
-                    "dtype": settings.dtype,
-                    "denoise": family.denoise_settings(settings),
-                    **_lora_inputs(denoise_loras),
-                }
-                latents_key = content_key(latents_inputs)
-                media_key = content_key({"latents": latents_key, "model": decoder, "decode": family.decode_settings(settings)})
-                items.append(
-                    Item(
-                        embedding=embedding,
-                        seed=seed,
-                        latents_key=latents_key,
-                        latents_inputs=latents_inputs,
-                        latents_path=f"latents/{family.name}/{latents_key}.safetensors",
-                        media_key=media_key,
-                        media_path=f"media/{media_key}.{family.media_extension}",
-                        point=point,
-                    )
-                )
-    fingerprints = {"encode": encoders, "denoise": denoiser, "decode": decoder}
+            embedding = _embedding(family, fingerprints["encode"], prompt, own_negative, negative, point)
+            embedding = embeddings.setdefault(embedding.key, embedding)
+            items += [_item(family, fingerprints, embedding, point, seed) for seed in dict.fromkeys(request.seeds)]
     return Plan(request, model, points, tuple(embeddings.values()), tuple(items), fingerprints,
                 tuple(loras.values()), scorers)
+
+
+def _embedding(family: Family, encoders: str, prompt: str, own_negative: str | None, negative: str | None,
+               point: Point) -> Embedding:
+    """The key chain's first link: embeddings keyed by the encoders' identity, the prompt pair, the dtype,
+    the encoder settings and the LoRAs that change an encoder."""
+    settings = point.settings
+    encode_loras = tuple(lora for lora in point.loras if lora.changes(family.encode_components))
+    inputs = {
+        "family": family.name,
+        "model": encoders,
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "dtype": settings.dtype,
+        "encoder": family.encoder_settings(settings),
+        **_lora_inputs(encode_loras),
+    }
+    key = content_key(inputs)
+    entry = prompt if own_negative is None else {"prompt": prompt, "negative_prompt": own_negative}
+    return Embedding(prompt, negative, key, inputs, f"embeddings/{family.name}/{key}.safetensors", settings,
+                     encode_loras, entry)
+
+
+def _item(family: Family, fingerprints: dict[str, str], embedding: Embedding, point: Point, seed: int) -> Item:
+    """The next links: latents keyed by the embeddings' key, the denoiser's identity, the seed, the dtype,
+    the denoise settings and the LoRAs that change the denoiser; media by the latents' key, the decoder's
+    identity and the decode settings."""
+    settings = point.settings
+    denoise_loras = tuple(lora for lora in point.loras if lora.changes(family.denoise_components))
+    latents_inputs = {
+        "embeddings": embedding.key,
+        "model": fingerprints["denoise"],
+        "seed": seed,
+        "dtype": settings.dtype,
+        "denoise": family.denoise_settings(settings),
+        **_lora_inputs(denoise_loras),
+    }
+    latents_key = content_key(latents_inputs)
+    media_key = content_key({"latents": latents_key, "model": fingerprints["decode"],
+                             "decode": family.decode_settings(settings)})
+    return Item(
+        embedding=embedding,
+        seed=seed,
+        latents_key=latents_key,
+        latents_inputs=latents_inputs,
+        latents_path=f"latents/{family.name}/{latents_key}.safetensors",
+        media_key=media_key,
+        media_path=f"media/{media_key}.{family.media_extension}",
+        point=point,
+    )
 
 
 def _lora_inputs(loras: tuple[AppliedLora, ...]) -> dict:
