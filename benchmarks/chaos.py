@@ -1,6 +1,7 @@
 """Faults survived, measured: one batch on a warm local stack (`flows.local_stack`, two accelerator
 workers) per fault, each fault injected once the batch has finished its first item, against the same
-batch with no fault.
+batch with no fault. Before the first batch, and whenever workers had to be started again after a
+fault, a small untimed batch warms the workers (their model loads are not counted against a fault).
 
     python benchmarks/chaos.py [--items 24] [--steps 40] [--outage 60] [--faults NAME,...]
 
@@ -59,9 +60,20 @@ class Chaos:
         self.items, self.steps, self.outage = items, steps, outage
         self.accelerators = accelerators
 
-    def parameters(self, store: Path) -> dict:
-        return {"model": str(self.model), "prompts": ["a lighthouse at dawn"], "seeds": [f"0-{self.items - 1}"],
+    def parameters(self, store: Path, items: int | None = None) -> dict:
+        seeds = f"0-{(items or self.items) - 1}"
+        return {"model": str(self.model), "prompts": ["a lighthouse at dawn"], "seeds": [seeds],
                 "steps": self.steps, "height": 64, "width": 64, "store": str(store), "dispatch": "warm"}
+
+    def warm_up(self) -> None:
+        """An untimed batch of one item per unit, two units per accelerator worker, so that every worker
+        has loaded the model (the scheduler fans units out over the workers)."""
+        store = self.work / f"warm-up-{time.monotonic_ns()}"
+        parameters = {**self.parameters(store, items=2 * len(self.accelerators)), "unit_items": 1}
+        before = time.time()
+        self.stack.prefect("deployment", "run", "generate/stagediff", "--params", json.dumps(parameters))
+        if not self._final_state(self._run_of(store, since=before)).is_completed():
+            raise RuntimeError("the warm-up batch did not complete; see the stack's logs")
 
     # -- the faults: each is called once the batch has finished its first item ----------------------
     def worker_killed_and_replaced(self, run_id):
@@ -169,6 +181,7 @@ class Chaos:
         workers = [self.stack.start_stage_worker(name, STAGE_WORKERS["accelerator"]) for name in missing]
         if workers:
             self.stack.wait_until_connected(*workers)
+            self.warm_up()
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -198,6 +211,7 @@ def main() -> None:
     try:
         stack.start(accelerator_workers=len(ACCELERATORS))
         chaos = Chaos(stack, model, work / "stores", args.items, args.steps, args.outage)
+        chaos.warm_up()
         outcomes = []
         for fault in args.faults.split(","):
             outcomes.append(chaos.run(fault))
