@@ -1,8 +1,8 @@
 """Looking after a store: `verify` reads every artifact (score files included) in full, several at once,
-and can remove the corrupt ones so that they are recomputed; `gc` finds what killed writers left and, when asked, the
-artifacts that no run declares (manifests, and the records of live or recently died runs: see
-`stagediff.run_records`). Nothing is deleted unless asked, and each file is checked again right before
-it is deleted; I/O errors are reported, never taken for corruption."""
+and can remove the corrupt ones so that they are recomputed; `gc` finds what killed writers left and,
+when asked, the artifacts that no run declares (manifests, and the records of live or recently died
+runs: see `stagediff.run_records`). Nothing is deleted unless asked, and each file is checked again
+right before it is deleted; I/O errors are reported, never taken for corruption."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from stagediff.store import CORRUPT_MARKER_SUFFIX, LEFTOVER_AGE_SECONDS, Store
 
 TENSOR_FOLDERS = ("embeddings", "latents")
 MEDIA_FOLDER = "media"
-ARTIFACT_FOLDERS = (*TENSOR_FOLDERS, MEDIA_FOLDER, SCORES_FOLDER)
+STORE_ARTIFACT_FOLDERS = (*TENSOR_FOLDERS, MEDIA_FOLDER, SCORES_FOLDER)
 """The folders of a store whose files are artifacts (runs/ holds their declarations)."""
 VERIFY_THREADS = 8
 
@@ -98,12 +98,12 @@ def garbage(store: Store, unreferenced: bool = False, older_than: float = LEFTOV
     """What `gc` would delete: leftovers of killed writers, and (with `unreferenced`) artifacts that no
     manifest and no fresh run record under runs/ declares (`stagediff.run_records`), both only once
     `older_than` seconds old."""
-    folders = (*ARTIFACT_FOLDERS, RUNS_FOLDER)
+    folders = (*STORE_ARTIFACT_FOLDERS, RUNS_FOLDER)
     report = GcReport(leftovers=sorted({path for folder in folders for path in store.leftovers(folder, older_than)}))
     if unreferenced:
         protected = DeclarationReader(store).read().protected
         now = time.time()
-        listed = {path: info for folder in ARTIFACT_FOLDERS for path, info in store.walk(folder).items()}
+        listed = {path: info for folder in STORE_ARTIFACT_FOLDERS for path, info in store.walk(folder).items()}
         report.unreferenced = sorted(
             path for path, info in listed.items()
             if _declared(path) not in protected and (info.modified is None or now - info.modified >= older_than)
